@@ -1,0 +1,131 @@
+"""The continuous-time variance-preserving noise process: every piece of noise-level arithmetic lives here.
+
+Ho et al. 2022 (*Video Diffusion Models*, §2) write the forward process as
+``q(z_t | x) = N(α_t x, σ_t² I)`` for ``t ∈ [0, 1]`` with log signal-to-noise ratio ``λ_t = log(α_t² / σ_t²)``
+decreasing in ``t``; variance preserving means ``α_t² = sigmoid(λ_t)`` and ``σ_t² = sigmoid(−λ_t)``.
+All functions are rank-agnostic: per-sample quantities of shape ``[b]`` broadcast against data of any rank
+(images ``[b, c, h, w]``, videos ``[b, c, f, h, w]``) through :func:`append_dims`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+class Prediction(str, Enum):
+    """What the raw network predicts (paper §2): ε (default), v (BAIR/Kinetics) or x itself."""
+
+    EPS = "eps"
+    V = "v"
+    X = "x"
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dimensions so ``x`` (``[b]``) broadcasts against a rank-``ndim`` tensor."""
+    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+
+
+def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
+    """``(α, σ)`` from λ for the variance-preserving process: ``α² = sigmoid(λ)``, ``σ² = sigmoid(−λ)``."""
+    return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """``t ↦ λ_t`` on ``t ∈ [0, 1]``, clipped to ``[logsnr_min, logsnr_max]``.
+
+    * ``cosine`` (the paper's): ``λ(t) = −2 log tan(a t + b)`` with ``b = arctan(e^{−λ_max/2})`` and
+      ``a = arctan(e^{−λ_min/2}) − b``, so ``λ(0) = λ_max`` and ``λ(1) = λ_min`` exactly.
+      ``shift`` adds a constant to λ (the "shifted cosine" of Hoogeboom et al. 2023; ``2·log(64/res)``
+      for a ``res``-pixel model) while the endpoints stay at the clip range.
+    * ``linear``: the continuous DDPM schedule with β linear in t (β₀ = 0.1, β₁ = 20, as in Song et al.'s VP
+      SDE): ``λ(t) = −log(expm1(β₀ t + ½ (β₁ − β₀) t²))``, for comparison.
+    """
+
+    kind: Literal["cosine", "linear"] = "cosine"
+    logsnr_min: float = -20.0
+    logsnr_max: float = 20.0
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cosine", "linear"):
+            raise ValueError(f"schedule kind must be 'cosine' or 'linear', got {self.kind!r}")
+        if not self.logsnr_min < self.logsnr_max:
+            raise ValueError("logsnr_min must be below logsnr_max")
+
+    def logsnr(self, t: Tensor) -> Tensor:
+        """λ_t for diffusion times ``t`` (any shape, values in [0, 1])."""
+        t = t.to(torch.float64)
+        if self.kind == "cosine":
+            lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
+            b = math.atan(math.exp(-hi / 2))
+            a = math.atan(math.exp(-lo / 2)) - b
+            logsnr = -2 * torch.log(torch.tan(a * t + b)) + self.shift
+        else:
+            beta0, beta1 = 0.1, 20.0
+            logsnr = -torch.log(torch.expm1(beta0 * t + 0.5 * (beta1 - beta0) * t**2))
+        return logsnr.clamp(self.logsnr_min, self.logsnr_max).to(torch.float32)
+
+    def grid(self, steps: int, device: torch.device | str | None = None) -> Tensor:
+        """λ at ``steps + 1`` uniformly spaced times from t = 1 (noise) to t = 0 (data): a sampler's grid."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        return self.logsnr(torch.linspace(1.0, 0.0, steps + 1, device=device))
+
+
+def q_sample(x0: Tensor, logsnr: Tensor, noise: Tensor) -> Tensor:
+    """Forward process sample ``z_t = α_t x + σ_t ε`` (paper eq. 1); ``logsnr`` is ``[b]``."""
+    alpha, sigma = (append_dims(v, x0.ndim) for v in alpha_sigma(logsnr))
+    return alpha * x0 + sigma * noise
+
+
+def x0_from_output(output: Tensor, z: Tensor, logsnr: Tensor, prediction: Prediction) -> Tensor:
+    """The one place where the network output becomes x̂ (paper §2).
+
+    ε: ``x̂ = (z − σ ε̂) / α``;  v: ``x̂ = α z − σ v̂``;  x: ``x̂ = output``.
+    """
+    alpha, sigma = (append_dims(v, z.ndim) for v in alpha_sigma(logsnr))
+    prediction = Prediction(prediction)
+    if prediction is Prediction.EPS:
+        return (z - sigma * output) / alpha
+    if prediction is Prediction.V:
+        return alpha * z - sigma * output
+    return output
+
+
+def eps_from_x0(z: Tensor, x0: Tensor, logsnr: Tensor) -> Tensor:
+    """``ε̂ = (z − α x̂) / σ``: the noise a denoised estimate implies."""
+    alpha, sigma = (append_dims(v, z.ndim) for v in alpha_sigma(logsnr))
+    return (z - alpha * x0) / sigma
+
+
+def target_for(prediction: Prediction, x0: Tensor, noise: Tensor, logsnr: Tensor) -> Tensor:
+    """The regression target of the raw network: ε, ``v = α ε − σ x`` or x."""
+    prediction = Prediction(prediction)
+    if prediction is Prediction.EPS:
+        return noise
+    if prediction is Prediction.V:
+        alpha, sigma = (append_dims(v, x0.ndim) for v in alpha_sigma(logsnr))
+        return alpha * noise - sigma * x0
+    return x0
+
+
+def posterior(z_t: Tensor, x0: Tensor, logsnr_t: Tensor, logsnr_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``q(z_s | z_t, x)`` for ``s < t`` (paper §2): ``(μ̃_{s|t}, σ̃²_{s|t}, σ²_{t|s})``.
+
+    ``μ̃ = e^{λ_t − λ_s} (α_s/α_t) z_t + (1 − e^{λ_t − λ_s}) α_s x``, ``σ̃² = (1 − e^{λ_t − λ_s}) σ_s²`` and the
+    forward variance ``σ²_{t|s} = (1 − e^{λ_t − λ_s}) σ_t²`` that the ancestral sampler interpolates towards.
+    ``logsnr_t`` and ``logsnr_s`` are ``[b]``; the variances come back broadcastable against ``z_t``.
+    """
+    ndim = z_t.ndim
+    alpha_t, sigma_t = (append_dims(v, ndim) for v in alpha_sigma(logsnr_t))
+    alpha_s, sigma_s = (append_dims(v, ndim) for v in alpha_sigma(logsnr_s))
+    ratio = append_dims(torch.exp(logsnr_t - logsnr_s), ndim)  # e^{λ_t − λ_s} ∈ (0, 1]
+    mean = ratio * (alpha_s / alpha_t) * z_t + (1 - ratio) * alpha_s * x0
+    return mean, (1 - ratio) * sigma_s**2, (1 - ratio) * sigma_t**2

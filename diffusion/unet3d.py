@@ -1,0 +1,359 @@
+"""The factorised space-time 3-D U-Net of Ho et al. 2022 (*Video Diffusion Models*, §3, Fig. 1).
+
+Every 3×3 convolution is a 1×3×3 (space-only) convolution, run as a 2-D convolution over frames folded into
+the batch; each spatial attention block (frames as batch) is followed by a temporal attention block (spatial
+positions as batch) with relative position embeddings over frame distance (Shaw et al. 2018), so the network
+needs no absolute frame time and runs on any number of frames. The noise level λ_t and the conditioning
+embedding go through an MLP and are added into every residual block.
+
+Temporal attention starts as the identity (zero-initialised output projection), and every other layer acts on
+each frame alone, so at initialisation the network on a video equals the network applied frame by frame.
+Joint image–video training appends independent images after the video frames; temporal attention is masked so
+each image attends only to itself (paper §3, "image mode").
+
+Layout: input and output are ``[b, c, f, h, w]``; inside, activations are ``[(b f), c, h, w]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from diffusion.attention import BACKENDS, attention
+
+
+@dataclass
+class UNet3DConfig:
+    """Hyper-parameters of the space-time U-Net (paper Table of hyper-parameters; defaults: T2V 16×64×64
+    scaled to SD-VAE latents)."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    base_channels: int = 128
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attention_levels: list[int] = field(default_factory=lambda: [1, 2, 3])  # level 0 = full resolution
+    head_dim: int = 64
+    norm_groups: int = 32
+    dropout: float = 0.0
+    cond_dim: int = 0  # pooled conditioning embedding (e.g. text); 0 = unconditional
+    context_dim: int = 0  # token embeddings for optional cross-attention; 0 = none
+    emb_dim: Optional[int] = None  # width of the noise/conditioning embedding; None = 4 × base_channels
+    emb_mlp_layers: int = 2  # paper: 2 or 4
+    scale_shift_norm: bool = True  # FiLM the second norm of each block (False: add the embedding, as written)
+    temporal_attention: bool = True
+    max_relative_distance: int = 32  # relative positions beyond ±k frames share an embedding (Shaw et al.)
+    attention_backend: str = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
+        if self.emb_mlp_layers < 1:
+            raise ValueError("emb_mlp_layers must be at least 1")
+        bad = [level for level in self.attention_levels if not 0 <= level < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside 0..{len(self.channel_mult) - 1}")
+        for mult in self.channel_mult:
+            if (mult * self.base_channels) % self.norm_groups:
+                raise ValueError(f"norm_groups={self.norm_groups} must divide every width "
+                                 f"(base_channels × channel_mult), not {mult * self.base_channels}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial size must be divisible by this (2^(levels − 1))."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class FrameState:
+    """What every block needs besides its activations: computed once per forward pass."""
+
+    emb: Tensor  # [(b f), emb_dim]: noise level + conditioning, one row per frame
+    num_frames: int
+    context: Optional[Tensor] = None  # [(b f), n, context_dim]
+    temporal_mask: Optional[Tensor] = None  # [f, f] additive (0 / −inf): the joint-training image mask
+
+
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters, so its residual branch starts as nothing."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def noise_level_features(logsnr: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features of λ_t: ``[b] -> [b, dim]``, frequencies geometric from 10 down to 0.01 so the
+    whole clipped range λ ∈ [−20, 20] is resolved."""
+    half = dim // 2
+    freqs = 10.0 * torch.exp(-math.log(1000.0) * torch.arange(half, device=logsnr.device) / max(half - 1, 1))
+    angles = logsnr.float()[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class ConditionEmbedding(nn.Module):
+    """λ_t and the conditioning vector c, projected, summed and passed through an MLP (paper §3: "an embedding
+    vector passed through an MLP (2 or 4 layers) and added into every residual block")."""
+
+    def __init__(self, base: int, emb_dim: int, cond_dim: int, layers: int):
+        super().__init__()
+        self.base = base
+        self.noise_proj = nn.Linear(base, emb_dim)
+        self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim > 0 else None
+        self.mlp = nn.Sequential(*[m for _ in range(layers - 1) for m in (nn.SiLU(), nn.Linear(emb_dim, emb_dim))])
+
+    def forward(self, logsnr: Tensor, cond: Optional[Tensor]) -> Tensor:
+        """``[b]``, ``[b, cond_dim]`` → ``[b, emb_dim]``."""
+        h = self.noise_proj(noise_level_features(logsnr, self.base))
+        if self.cond_proj is not None:
+            if cond is None:
+                raise ValueError("this U-Net is conditional (cond_dim > 0): pass cond [b, cond_dim]")
+            h = h + self.cond_proj(cond.to(h.dtype))
+        return self.mlp(h)
+
+
+class ResBlock(nn.Module):
+    """GN → SiLU → 1×3×3 conv → (+ embedding) → GN → SiLU → dropout → 1×3×3 conv, plus a skip."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float, scale_shift: bool):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.norm1 = _group_norm(cin, groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, cout * (2 if scale_shift else 1))
+        self.norm2 = _group_norm(cout, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: Tensor, state: FrameState) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        e = self.emb_proj(F.silu(state.emb))[:, :, None, None].to(h.dtype)  # [(b f), c(×2), 1, 1]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+
+
+class SpatialAttention(nn.Module):
+    """Self-attention over the ``h·w`` positions of each frame (frames as batch), then optional
+    cross-attention to token embeddings."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int, context_dim: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = max(channels // head_dim, 1), backend
+        self.norm = _group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+        self.cross = CrossAttention(channels, context_dim, self.heads, groups, backend) if context_dim else None
+
+    def forward(self, x: Tensor, state: FrameState) -> Tensor:
+        n, c, h, w = x.shape
+        qkv = rearrange(self.qkv(self.norm(x)), "n (three m d) h w -> three n m (h w) d", three=3, m=self.heads)
+        out = attention(qkv[0], qkv[1], qkv[2], backend=self.backend)  # [(b f), heads, h·w, d]
+        x = x + self.proj(rearrange(out, "n m (h w) d -> n (m d) h w", h=h, w=w))
+        if self.cross is not None:
+            x = self.cross(x, state)
+        return x
+
+
+class CrossAttention(nn.Module):
+    """Queries from each frame's positions, keys and values from the conditioning tokens."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, groups: int, backend: str):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.norm = _group_norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, state: FrameState) -> Tensor:
+        if state.context is None:
+            raise ValueError("this U-Net has cross-attention (context_dim > 0): pass context [b, n, context_dim]")
+        n, c, h, w = x.shape
+        q = rearrange(self.q(self.norm(x)), "n (m d) h w -> n m (h w) d", m=self.heads)
+        kv = rearrange(self.kv(state.context.to(x.dtype)), "n l (two m d) -> two n m l d", two=2, m=self.heads)
+        out = attention(q, kv[0], kv[1], backend=self.backend)
+        return x + self.proj(rearrange(out, "n m (h w) d -> n (m d) h w", h=h, w=w))
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over frames at each spatial position (positions as batch), with Shaw et al.'s relative
+    position embeddings on the keys: ``logit_ij = q_i · (k_j + a_{clip(j − i)}) / √d``. The relative term and
+    the image mask form one additive bias, so the efficient kernels run it. Output projection starts at zero:
+    the block is the identity at initialisation."""
+
+    def __init__(self, channels: int, head_dim: int, groups: int, max_distance: int, backend: str):
+        super().__init__()
+        self.heads, self.backend, self.max_distance = max(channels // head_dim, 1), backend, max_distance
+        self.norm = _group_norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.relative = nn.Parameter(torch.randn(2 * max_distance + 1, channels // self.heads) * 0.02)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def relative_bias(self, q: Tensor) -> Tensor:
+        """``q · a_{j − i} / √d``: ``[B, heads, f, d] -> [B, heads, f, f]``."""
+        f = q.shape[2]
+        pos = torch.arange(f, device=q.device)
+        index = (pos[None, :] - pos[:, None]).clamp(-self.max_distance, self.max_distance) + self.max_distance
+        table = self.relative.to(q.dtype)[index]  # [f, f, d]
+        return torch.einsum("bmid,ijd->bmij", q, table) / math.sqrt(q.shape[-1])
+
+    def forward(self, x: Tensor, state: FrameState) -> Tensor:
+        n, c, h, w = x.shape
+        f = state.num_frames
+        qkv = rearrange(self.qkv(self.norm(x)), "(b f) (three m d) h w -> three (b h w) m f d",
+                        f=f, three=3, m=self.heads)
+        bias = self.relative_bias(qkv[0])
+        if state.temporal_mask is not None:
+            bias = bias + state.temporal_mask.to(bias.dtype)
+        out = attention(qkv[0], qkv[1], qkv[2], bias=bias, backend=self.backend)  # [(b h w), heads, f, d]
+        return x + self.proj(rearrange(out, "(b h w) m f d -> (b f) (m d) h w", h=h, w=w))
+
+
+class Downsample(nn.Module):
+    """Strided 1×3×3 convolution: halves h and w."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor, state: FrameState) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest ×2 in space, then a 1×3×3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, state: FrameState) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def temporal_image_mask(num_frames: int, num_images: int, device: torch.device) -> Optional[Tensor]:
+    """Joint image–video training mask ``[f, f]`` (0 allowed, −inf blocked): the first ``f − num_images``
+    frames are a video and attend to one another; each appended image attends only to itself (paper §3)."""
+    if num_images == 0:
+        return None
+    if not 0 < num_images <= num_frames:
+        raise ValueError(f"num_images={num_images} must be between 0 and the number of frames {num_frames}")
+    video = num_frames - num_images
+    allowed = torch.eye(num_frames, dtype=torch.bool, device=device)
+    allowed[:video, :video] = True
+    return torch.zeros(num_frames, num_frames, device=device).masked_fill(~allowed, float("-inf"))
+
+
+class UNet3D(nn.Module):
+    """The space-time U-Net: ``net(z [b, c, f, h, w], logsnr [b], cond, context, num_images) -> [b, c', f, h, w]``.
+
+    It is the raw network; what its output means (ε, v or x) is the denoiser wrapper's business.
+    """
+
+    def __init__(self, config: UNet3DConfig):
+        super().__init__()
+        self.config = cfg = config
+        emb_dim = cfg.emb_dim or 4 * cfg.base_channels
+        self.embed = ConditionEmbedding(cfg.base_channels, emb_dim, cfg.cond_dim, cfg.emb_mlp_layers)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
+        widths = [cfg.base_channels * m for m in cfg.channel_mult]
+        self.down, skips = nn.ModuleList(), [cfg.base_channels]
+        ch = cfg.base_channels
+        for level, width in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(self._stage(ch, width, level, emb_dim))
+                ch = width
+                skips.append(ch)
+            if level < len(widths) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                skips.append(ch)
+        self.mid = nn.ModuleList([
+            ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm),
+            *self._attention(ch),
+            ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm),
+        ])
+        self.up = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            for block in range(cfg.num_res_blocks + 1):
+                stage = self._stage(ch + skips.pop(), width, level, emb_dim)
+                ch = width
+                if level > 0 and block == cfg.num_res_blocks:
+                    stage.append(Upsample(ch))
+                self.up.append(stage)
+        self.norm_out = _group_norm(ch, cfg.norm_groups)
+        self.conv_out = _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def _attention(self, ch: int) -> list[nn.Module]:
+        """A spatial attention block, then (in a video model) a temporal one."""
+        cfg = self.config
+        blocks: list[nn.Module] = [
+            SpatialAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim, cfg.attention_backend)
+        ]
+        if cfg.temporal_attention:
+            blocks.append(TemporalAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.max_relative_distance,
+                                            cfg.attention_backend))
+        return blocks
+
+    def _stage(self, cin: int, cout: int, level: int, emb_dim: int) -> nn.ModuleList:
+        """A residual block, followed by attention at the configured levels."""
+        cfg = self.config
+        blocks = [ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm)]
+        if level in cfg.attention_levels:
+            blocks += self._attention(cout)
+        return nn.ModuleList(blocks)
+
+    def _run(self, blocks: nn.ModuleList, x: Tensor, state: FrameState) -> Tensor:
+        """Apply blocks in order, each under activation checkpointing when asked for while training."""
+        for block in blocks:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, state, use_reentrant=False)
+            else:
+                x = block(x, state)
+        return x
+
+    def forward(
+        self,
+        z: Tensor,
+        logsnr: Tensor,
+        cond: Optional[Tensor] = None,
+        context: Optional[Tensor] = None,
+        num_images: int = 0,
+    ) -> Tensor:
+        """``z [b, c, f, h, w]``, ``logsnr [b]``, ``cond [b, cond_dim]``, ``context [b, n, context_dim]``; the last
+        ``num_images`` frames of every sample are independent images (joint training). Returns
+        ``[b, out_channels, f, h, w]``."""
+        b, _, f, h, w = z.shape
+        if h % self.config.downsample_factor or w % self.config.downsample_factor:
+            raise ValueError(f"spatial size {h}×{w} must be divisible by {self.config.downsample_factor}")
+        state = FrameState(
+            emb=repeat(self.embed(logsnr.expand(b), cond), "b d -> (b f) d", f=f),
+            num_frames=f,
+            context=None if context is None else repeat(context, "b n d -> (b f) n d", f=f),
+            temporal_mask=temporal_image_mask(f, num_images, z.device),
+        )
+        x = self.conv_in(rearrange(z, "b c f h w -> (b f) c h w"))  # frames fold into the batch
+        skips = [x]
+        for stage in self.down:
+            x = self._run(stage, x, state)
+            skips.append(x)
+        x = self._run(self.mid, x, state)
+        for stage in self.up:
+            x = self._run(stage, torch.cat([x, skips.pop()], dim=1), state)
+        x = self.conv_out(F.silu(self.norm_out(x)))
+        return rearrange(x, "(b f) c h w -> b c f h w", b=b)
