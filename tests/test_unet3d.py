@@ -1,0 +1,152 @@
+"""The factorised space-time U-Net (paper §3)."""
+
+import pytest
+import torch
+
+from diffusion import UNet3D, attention
+from diffusion.attention import math_attention, xformers_available
+from diffusion.unet3d import temporal_image_mask
+from tests.models import randomise_temporal_layers, tiny_unet_config
+
+
+def _net(**overrides) -> UNet3D:
+    torch.manual_seed(0)
+    return UNet3D(tiny_unet_config(**overrides)).eval()
+
+
+def _inputs(b=2, f=5, size=8, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 4, f, size, size, generator=generator), torch.tensor([-3.0, 2.0])[:b],
+            torch.randn(b, 12, generator=generator))
+
+
+@pytest.mark.parametrize("f", [1, 5])
+def test_shapes_for_images_and_videos(f):
+    z, logsnr, cond = _inputs(f=f)
+    assert _net()(z, logsnr, cond).shape == z.shape
+
+
+def test_runs_on_more_frames_than_the_relative_distance():
+    z, logsnr, cond = _inputs(b=1, f=12)
+    out = _net(max_relative_distance=4)(z, logsnr[:1], cond)
+    assert out.shape == z.shape and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_temporal_layers_start_as_identity():
+    """At initialisation the U-Net on a video equals the U-Net applied frame by frame (STYLE rule 5)."""
+    net = _net()
+    z, logsnr, cond = _inputs()
+    per_frame = torch.cat([net(z[:, :, i : i + 1], logsnr, cond) for i in range(z.shape[2])], dim=2)
+    torch.testing.assert_close(net(z, logsnr, cond), per_frame, rtol=1e-5, atol=1e-5)
+    randomise_temporal_layers(net)  # once trained, frames do interact: the check above can fail
+    per_frame = torch.cat([net(z[:, :, i : i + 1], logsnr, cond) for i in range(z.shape[2])], dim=2)
+    assert not torch.allclose(net(z, logsnr, cond), per_frame, atol=1e-3)
+
+
+@torch.no_grad()
+def test_appended_images_ignore_the_video_frames():
+    """Joint training: an appended image's output does not change when the video frames change."""
+    net = _net()
+    randomise_temporal_layers(net)
+    z, logsnr, cond = _inputs(f=6)
+    other = z.clone()
+    other[:, :, :4] = torch.randn_like(other[:, :, :4])  # new video frames, same two images
+    a, b = net(z, logsnr, cond, num_images=2), net(other, logsnr, cond, num_images=2)
+    torch.testing.assert_close(a[:, :, 4:], b[:, :, 4:], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a[:, :, :4], b[:, :, :4])
+    # ...and each image alone gives the same output as in the joint batch
+    alone = net(z[:, :, 5:6], logsnr, cond)
+    torch.testing.assert_close(a[:, :, 5:6], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_image_mask_layout():
+    mask = temporal_image_mask(4, 2, torch.device("cpu"))
+    allowed = mask == 0
+    assert allowed[:2, :2].all() and allowed[2, 2] and allowed[3, 3]
+    assert not allowed[2, 3] and not allowed[0, 2] and not allowed[3, 0]
+    assert temporal_image_mask(4, 0, torch.device("cpu")) is None
+    with pytest.raises(ValueError):
+        temporal_image_mask(4, 5, torch.device("cpu"))
+
+
+def _qkv_bias(b=6, heads=2, lq=7, lk=7, d=16, dtype=torch.float32, device="cpu"):
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, heads, n, d, generator=generator, device=device, dtype=dtype) for n in (lq, lk, lk))
+    bias = torch.randn(b, heads, lq, lk, generator=generator, device=device, dtype=dtype)
+    bias[..., 0, 1:] = float("-inf")  # a masked row, as the image mask makes
+    return q, k, v, bias
+
+
+def test_sdpa_and_math_backends_agree():
+    q, k, v, bias = _qkv_bias()
+    for b in (None, bias):
+        torch.testing.assert_close(attention(q, k, v, b, backend="sdpa"), math_attention(q, k, v, b),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_network_is_the_same_on_every_cpu_backend():
+    z, logsnr, cond = _inputs()
+    nets = {name: _net(attention_backend=name) for name in ("sdpa", "math")}
+    for net in nets.values():
+        randomise_temporal_layers(net)
+    with torch.no_grad():
+        torch.testing.assert_close(nets["sdpa"](z, logsnr, cond), nets["math"](z, logsnr, cond),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_xformers_backend_refuses_cpu_tensors():
+    q, k, v, _ = _qkv_bias()
+    with pytest.raises(ValueError, match="CUDA"):
+        attention(q, k, v, backend="xformers")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_xformers_and_sdpa_agree_on_cuda(dtype):
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    q, k, v, bias = _qkv_bias(b=70_000, lq=16, lk=16, dtype=dtype, device="cuda")  # above the 65 535 batch limit
+    torch.testing.assert_close(attention(q, k, v, bias, backend="xformers"), attention(q, k, v, bias, backend="sdpa"),
+                               rtol=tol, atol=tol)
+    net = _net(attention_backend="xformers").cuda()
+    ref = _net(attention_backend="sdpa").cuda()
+    randomise_temporal_layers(net), randomise_temporal_layers(ref)
+    z, logsnr, cond = (t.cuda() for t in _inputs())
+    with torch.no_grad():
+        torch.testing.assert_close(net(z, logsnr, cond), ref(z, logsnr, cond), rtol=1e-3, atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    z, logsnr, cond = _inputs()
+    grads = []
+    for checkpointing in (False, True):
+        net = _net(gradient_checkpointing=checkpointing, dropout=0.0).train()
+        randomise_temporal_layers(net)
+        net(z, logsnr, cond, num_images=1).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cross_attention_uses_the_context():
+    net = _net(context_dim=6)
+    randomise_temporal_layers(net)
+    z, logsnr, cond = _inputs()
+    context = torch.randn(2, 3, 6)
+    with torch.no_grad():
+        a = net(z, logsnr, cond, context=context)
+        b = net(z, logsnr, cond, context=context + 1)
+    assert not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="context"):
+        net(z, logsnr, cond)
+
+
+def test_clear_errors_for_bad_inputs_and_configs():
+    with pytest.raises(ValueError, match="divisible"):
+        _net()(torch.randn(1, 4, 2, 5, 5), torch.zeros(1), torch.zeros(1, 12))
+    with pytest.raises(ValueError, match="cond"):
+        _net()(torch.randn(1, 4, 2, 8, 8), torch.zeros(1))
+    with pytest.raises(ValueError, match="norm_groups"):
+        tiny_unet_config(norm_groups=5)
+    with pytest.raises(ValueError, match="attention_levels"):
+        tiny_unet_config(attention_levels=[3])
