@@ -52,6 +52,7 @@ class UNet3DConfig:
     max_relative_distance: int = 32  # relative positions beyond ±k frames share an embedding (Shaw et al.)
     attention_backend: str = "auto"
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # NHWC activations (often faster convolutions on GPUs)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in BACKENDS:
@@ -298,6 +299,8 @@ class UNet3D(nn.Module):
                 self.up.append(stage)
         self.norm_out = _group_norm(ch, cfg.norm_groups)
         self.conv_out = _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        if cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def _attention(self, ch: int) -> list[nn.Module]:
         """A spatial attention block, then (in a video model) a temporal one."""
@@ -347,7 +350,10 @@ class UNet3D(nn.Module):
             context=None if context is None else repeat(context, "b n d -> (b f) n d", f=f),
             temporal_mask=temporal_image_mask(f, num_images, z.device),
         )
-        x = self.conv_in(rearrange(z, "b c f h w -> (b f) c h w"))  # frames fold into the batch
+        x = rearrange(z, "b c f h w -> (b f) c h w")  # frames fold into the batch
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.conv_in(x)
         skips = [x]
         for stage in self.down:
             x = self._run(stage, x, state)

@@ -139,6 +139,7 @@ def save_checkpoint(
     states: Mapping[str, Any],
     info: Mapping[str, Any],
     keep: int = 2,
+    json_files: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``root/step_XXXXXXX`` atomically and point ``root/latest`` at it.
 
@@ -147,6 +148,8 @@ def save_checkpoint(
         states: name → nested state (optimizer, scheduler, RNG, data position): safetensors + JSON skeleton.
         info: JSON metadata (step, config, loss history position...), written as ``trainer_state.json``.
         keep: how many checkpoints to keep (older ones are removed after the new one is in place).
+        json_files: file name → JSON object, written beside the weights (e.g. a model's ``config.json``, so a
+            checkpoint directory is itself a loadable model).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -157,6 +160,8 @@ def save_checkpoint(
             save_tensors(tensors, tmp / f"{name}.safetensors")
         for name, state in states.items():
             save_state_file(state, tmp, name)
+        for name, obj in (json_files or {}).items():
+            atomic_write_json(tmp / name, obj)
         atomic_write_json(tmp / "trainer_state.json", {"step": step, **info})
         if final.exists():
             shutil.rmtree(final)

@@ -1,0 +1,148 @@
+"""The diffusion model as the pipelines use it: network + parameterisation + schedule + text encoder, built
+from a typed config, saved in (and loaded from) training checkpoints, and bound into denoise callables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from diffusion import Denoiser, NoiseSchedule, UNet3D, UNet3DConfig, classifier_free_guidance, get_sampler
+from pipelines.checkpoint import latest_checkpoint
+from pipelines.text import TextConfig, build_text_encoder, conditioning_dims, select
+
+
+@dataclass
+class DiffusionModelConfig:
+    """The network and its noise process (paper §2–3)."""
+
+    unet: UNet3DConfig = field(default_factory=UNet3DConfig)
+    prediction: Literal["eps", "v", "x"] = "eps"
+    weighting: Literal["auto", "eps", "v", "x", "min_snr"] = "auto"
+    min_snr_gamma: float = 5.0
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    p_uncond: float = 0.1  # classifier-free guidance: probability of training with the null conditioning
+
+
+@dataclass
+class SamplingConfig:
+    """A sampler and its knobs (paper §2): ``ancestral`` (γ), ``ddim`` (η) or ``pc`` (δ, corrections)."""
+
+    sampler: Literal["ancestral", "ddim", "pc"] = "ddim"
+    steps: int = 50
+    guidance: float = 1.0  # classifier-free guidance weight w (0: none)
+    gamma: float = 0.3
+    eta: float = 0.0
+    delta: float = 0.1
+    corrector_steps: int = 1
+
+    def knobs(self) -> dict:
+        """The keyword arguments of the chosen sampler."""
+        return {"ancestral": {"gamma": self.gamma}, "ddim": {"eta": self.eta},
+                "pc": {"gamma": self.gamma, "delta": self.delta, "corrector_steps": self.corrector_steps}}[self.sampler]
+
+
+@dataclass
+class DiffusionBundle:
+    """What sampling needs, in one place."""
+
+    denoiser: Denoiser
+    text_encoder: Optional[nn.Module]
+    text: TextConfig
+    model: DiffusionModelConfig
+    latent_shape: list[int]  # [c, f, h, w] of a training clip
+    autoencoder: Optional[str]  # the VAE whose latents the model was trained on
+    null_cache: Optional[dict[str, Tensor]] = None  # frozen encoders: the embedding of "" stored with the data
+    info: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def embed(self, captions: list[str]) -> dict[str, Tensor]:
+        """U-Net conditioning keyword arguments for ``captions`` (empty for unconditional models)."""
+        if self.text_encoder is None:
+            return {}
+        with torch.no_grad():
+            return {k: v.to(self.device) for k, v in select(self.text_encoder(captions), self.text.use_tokens).items()}
+
+    def null(self) -> dict[str, Tensor]:
+        """The null conditioning ``[1, ...]`` (the embedding of "")."""
+        if self.null_cache is not None:
+            return {k: v.to(self.device) for k, v in select(self.null_cache, self.text.use_tokens).items()}
+        return self.embed([""])
+
+    def denoise_fn(self, prompts: list[str], guidance: float, **net_kwargs):
+        """``denoise(z, logsnr) -> x̂`` for a batch of prompts, with classifier-free guidance ``w``."""
+        conditioning = self.embed(prompts)
+        if not conditioning:
+            return lambda z, logsnr: self.denoiser(z, logsnr, **net_kwargs)
+        return classifier_free_guidance(self.denoiser, conditioning, self.null(), guidance, **net_kwargs)
+
+
+def build_unet_config(model: DiffusionModelConfig, text: TextConfig, text_encoder, channels: int) -> UNet3DConfig:
+    """The U-Net config with what the data and text encoder decide filled in (channels, conditioning widths)."""
+    cond_dim, context_dim = conditioning_dims(text_encoder, text.use_tokens)
+    return dataclasses.replace(model.unet, in_channels=channels, out_channels=channels, cond_dim=cond_dim,
+                               context_dim=context_dim)
+
+
+def sample(bundle: DiffusionBundle, denoise, shape: tuple[int, ...], sampling: SamplingConfig,
+           generator: torch.Generator, progress: bool = False) -> Tensor:
+    """Run the configured sampler from ``z_1 ~ N(0, I)`` of ``shape``: returns latents on the model's device."""
+    z = torch.randn(shape, generator=generator).to(bundle.device)
+    grid = bundle.model.schedule.grid(sampling.steps).to(bundle.device)
+    return get_sampler(sampling.sampler)(denoise, z, grid, generator=None, progress=progress, **sampling.knobs())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory, a checkpoint root, or the checkpoint itself."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+        found = latest_checkpoint(candidate) if candidate.is_dir() else None
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no diffusion checkpoint at {path}: give a training run directory "
+                            f"(with checkpoints/) or a checkpoint directory (with trainer_state.json)")
+
+
+def load_diffusion(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> DiffusionBundle:
+    """Rebuild the model a diffusion training run saved (EMA weights by default)."""
+    from pipelines.train_diffusion import DiffusionTrainConfig  # the saved config's schema
+
+    directory = resolve_checkpoint(path)
+    info = json.loads((directory / "trainer_state.json").read_text())
+    cfg = _from_saved(info["config"], DiffusionTrainConfig)
+    text_encoder = build_text_encoder(cfg.text)
+    net = UNet3D(cfg.model.unet)
+    weights = "ema_unet" if use_ema and (directory / "ema_unet.safetensors").is_file() else "unet"
+    net.load_state_dict(load_file(directory / f"{weights}.safetensors"))
+    if text_encoder is not None and (directory / "text.safetensors").is_file():
+        text_weights = "ema_text" if use_ema and (directory / "ema_text.safetensors").is_file() else "text"
+        text_encoder.load_state_dict(load_file(directory / f"{text_weights}.safetensors"))
+    if text_encoder is not None:
+        text_encoder.to(device).eval()
+    null_cache = None
+    if (directory / "null_text.safetensors").is_file():
+        null_cache = {k.removeprefix("tensors."): v for k, v in load_file(directory / "null_text.safetensors").items()}
+    return DiffusionBundle(
+        denoiser=Denoiser(net, cfg.model.prediction).to(device).eval(), text_encoder=text_encoder, text=cfg.text,
+        model=cfg.model, latent_shape=info["latent_shape"], autoencoder=info.get("autoencoder"),
+        null_cache=null_cache, info=info,
+    )
+
+
+def _from_saved(saved: dict, schema: type):
+    """A typed config from the plain dict a checkpoint stores."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), saved))
