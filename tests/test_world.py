@@ -1,0 +1,205 @@
+"""The procedural world: determinism, coverage, bouncing, and an analyser that reads its videos back."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.data import ClipSpec, VideoClipDataset
+from pipelines.video_io import read_frames
+from pipelines.world import (
+    COLOURS,
+    COMBOS,
+    MIN_RUN_FRAMES,
+    WorldParams,
+    WorldSpec,
+    analyse_video,
+    boundary_jump_ratio,
+    centres,
+    centroid_track,
+    chunk_boundaries,
+    classify_colour,
+    make_world,
+    motion_direction,
+    parse_caption,
+    render_clip,
+    sample_world_params,
+    world_params,
+)
+
+SPEC = WorldSpec(size=32, num_frames=16)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A 48-video world on disk (real MP4s) and its records."""
+    out = tmp_path_factory.mktemp("world")
+    return out, make_world(out, 48, SPEC, seed=0)
+
+
+def _score(clips) -> dict[str, int]:
+    """How many of ``(frames, caption)`` pairs the analyser gets right, per attribute."""
+    results = [analyse_video(frames, caption) for frames, caption in clips]
+    return {key: sum(r[f"{key}_correct"] for r in results) for key in ("colour", "shape", "direction")}
+
+
+def test_rendering_and_sampling_are_deterministic_by_seed():
+    first = sample_world_params(np.random.default_rng(7), SPEC)
+    assert sample_world_params(np.random.default_rng(7), SPEC) == first
+    assert sample_world_params(np.random.default_rng(8), SPEC) != first
+    np.testing.assert_array_equal(render_clip(first, SPEC), render_clip(first, SPEC))
+    assert world_params(5, SPEC, seed=1) == world_params(5, SPEC, seed=1)
+    assert world_params(5, SPEC, seed=1) != world_params(5, SPEC, seed=2)
+    assert world_params(5, SPEC, split="train") != world_params(5, SPEC, split="eval")
+
+
+def test_clips_show_one_saturated_shape_on_black():
+    params = WorldParams("square", "green", "right", x0=10.0, y0=16.0, speed=1.5)
+    frames = render_clip(params, SPEC)
+    assert frames.shape == (16, 32, 32, 3) and frames.dtype == np.uint8
+    assert params.caption == "a green square moving right"
+    lit = frames.max(axis=-1) > 0
+    assert np.all(frames[0, 0] == 0) and 0.05 < lit.mean() < 0.2  # a 9.6-pixel square in a 32 x 32 frame
+    np.testing.assert_array_equal(frames[0, 16, 10], COLOURS["green"])  # the centre is fully covered
+
+
+def test_shapes_bounce_and_stay_inside():
+    params = WorldParams("circle", "red", "left", x0=8.0, y0=16.0, speed=2.0)
+    spec = replace(SPEC, num_frames=24)
+    x = centres(params, spec)[:, 0]
+    half = spec.shape_size * spec.size / 2
+    assert x.min() >= half - 1e-9 and x.max() <= spec.size - half + 1e-9
+    steps = np.diff(x)
+    assert steps[0] < 0 and (steps > 0).any()  # starts left, bounces off the left wall
+    np.testing.assert_allclose(np.abs(steps[steps != 0]).max(), 2.0)
+    area = render_clip(params, spec)[..., 0].astype(float).sum(axis=(1, 2))  # red channel ~ covered area
+    np.testing.assert_allclose(area, area[0], rtol=0.03)  # never cut off by a wall
+
+
+def test_every_sampled_clip_runs_before_its_first_bounce():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        params = sample_world_params(rng, SPEC)
+        steps = np.diff(centres(params, replace(SPEC, num_frames=MIN_RUN_FRAMES + 1)), axis=0)
+        np.testing.assert_allclose(np.linalg.norm(steps, axis=1), params.speed)
+
+
+def test_a_48_video_world_covers_every_combination_once(world):
+    out, records = world
+    combos = {tuple(parse_caption(r["caption"]).values()) for r in records}
+    assert len(records) == 48 and combos == set(COMBOS)
+    assert sorted(p.name for p in (out / "train").glob("*.mp4")) == [f"{i:05d}.mp4" for i in range(48)]
+    manifest = [json.loads(line) for line in (out / "train" / "captions.jsonl").read_text().splitlines()]
+    assert manifest == records and manifest[3]["params"] == vars(world_params(3, SPEC))
+
+
+def test_make_world_is_idempotent_and_deterministic(world, tmp_path):
+    out, records = world
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.mp4")}
+    assert make_world(out, 48, SPEC, seed=0) == records
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "train").glob("*.mp4")
+    } == stamps  # nothing rewritten
+    fewer = make_world(tmp_path, 6, SPEC, seed=0)
+    assert fewer == records[:6]  # video i does not depend on how many there are
+    same_video = read_frames(tmp_path / "train" / "00005.mp4"), read_frames(out / "train" / "00005.mp4")
+    np.testing.assert_array_equal(*same_video)
+    assert make_world(tmp_path, 4, SPEC, seed=0) == records[:4]
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.mp4")) == [f"{i:05d}.mp4" for i in range(4)]
+
+
+def test_make_world_rerenders_when_the_spec_changes(tmp_path):
+    make_world(tmp_path, 3, SPEC, seed=0)
+    bigger = replace(SPEC, size=48)
+    make_world(tmp_path, 3, bigger, seed=0)
+    assert read_frames(tmp_path / "train" / "00002.mp4").shape == (16, 48, 48, 3)
+
+
+def test_analyser_recovers_colour_shape_and_direction_of_rendered_clips():
+    clips = [(render_clip(p, SPEC), p.caption) for p in (world_params(i, SPEC, seed=3) for i in range(48))]
+    score = _score(clips)
+    assert score["colour"] >= 47 and score["direction"] >= 47 and score["shape"] >= 47, score
+
+
+def _bounces(params: WorldParams, spec: WorldSpec = SPEC) -> bool:
+    """Whether the clip of ``params`` changes direction within its frames."""
+    steps = np.diff(centres(params, spec), axis=0)
+    return bool((np.sign(steps) != np.sign(steps[0])).any())
+
+
+def test_the_world_data_includes_mid_clip_bounces_and_the_analyser_handles_them():
+    params = [world_params(i, SPEC, seed=3) for i in range(48)]
+    bouncing = [p for p in params if _bounces(p)]
+    assert len(bouncing) >= 12  # plenty of clips turn around mid-clip
+    score = _score([(render_clip(p, SPEC), p.caption) for p in bouncing])
+    assert score["direction"] >= len(bouncing) - 1 and score["colour"] == len(bouncing)
+
+
+def test_mp4_round_trip_still_analyses_correctly(world):
+    out, records = world
+    clips = [(read_frames(out / "train" / r["path"]), r["caption"]) for r in records]
+    score = _score(clips)
+    assert score["colour"] >= 47 and score["direction"] >= 47 and score["shape"] >= 47, score
+
+
+def test_analyser_takes_float_videos_from_the_dataset(world):
+    out, records = world
+    dataset = VideoClipDataset(out / "train", ClipSpec(num_frames=16, size=32, start="first"))
+    item = dataset[0]
+    assert item["caption"] == records[0]["caption"]  # captions.jsonl is picked up by itself
+    result = analyse_video(item["video"], item["caption"])  # [3, f, h, w] in [-1, 1]
+    assert result["colour_correct"] and result["direction_correct"] and result["track"].shape == (16, 2)
+
+
+def test_centroid_track_follows_the_shape_and_is_nan_when_absent():
+    params = WorldParams("circle", "blue", "down", x0=12.0, y0=8.0, speed=1.0)
+    frames = render_clip(params, SPEC)
+    frames[5] = 0
+    track = centroid_track(frames)
+    assert np.isnan(track[5]).all()
+    ok = np.arange(16) != 5
+    np.testing.assert_allclose(track[ok], centres(params, SPEC)[ok], atol=0.15)
+    assert motion_direction(track) == "down"
+    assert classify_colour(np.zeros((4, 8, 8, 3), np.uint8)) == "none"
+    assert motion_direction(np.full((6, 2), 3.0)) == "none"
+
+
+def test_jump_ratio_is_one_for_continuous_motion_and_large_for_spliced_clips():
+    left = WorldParams("square", "yellow", "right", x0=6.0, y0=8.0, speed=1.5)
+    right = WorldParams("square", "yellow", "right", x0=20.0, y0=24.0, speed=1.5)
+    continuous = centroid_track(render_clip(left, SPEC))  # no bounce before frame 14
+    assert boundary_jump_ratio(continuous, [8]) == pytest.approx(1.0, abs=0.2)
+    spliced = np.concatenate([render_clip(left, SPEC)[:8], render_clip(right, SPEC)[8:]])
+    result = analyse_video(spliced, boundaries=[8])
+    assert result["jump_ratio"] > 3
+    ratios = [
+        boundary_jump_ratio(centroid_track(render_clip(world_params(i, SPEC), SPEC)), [8]) for i in range(48)
+    ]
+    assert np.median(ratios) == pytest.approx(1.0, abs=0.1)  # over random clips, bounces included
+    assert np.isnan(boundary_jump_ratio(continuous, []))
+
+
+def test_chunk_boundaries_mark_the_first_new_frame_of_each_extension():
+    assert chunk_boundaries(16, chunk_size=8) == [8]
+    assert chunk_boundaries(20, chunk_size=8, context=2) == [8, 14]  # extensions add 6 new frames each
+    with pytest.raises(ValueError):
+        chunk_boundaries(16, chunk_size=4, context=4)
+
+
+def test_parse_caption():
+    assert parse_caption("a red triangle moving up") == {
+        "colour": "red",
+        "shape": "triangle",
+        "direction": "up",
+    }
+    with pytest.raises(ValueError):
+        parse_caption("a purple circle moving up")
+
+
+def test_analyse_video_with_float_tensor_input():
+    params = WorldParams("triangle", "red", "up", x0=16.0, y0=24.0, speed=1.2)
+    video = torch.from_numpy(render_clip(params, SPEC)).permute(3, 0, 1, 2).float() / 127.5 - 1
+    result = analyse_video(video, params.caption)
+    assert (result["colour"], result["shape"], result["direction"]) == ("red", "triangle", "up")
