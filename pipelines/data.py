@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -276,17 +277,21 @@ def resize_crop(
     return (x / 127.5 - 1).clamp(-1, 1)
 
 
-def item_rng(seed: int | None, epoch: int, index: int) -> np.random.Generator:
-    """The generator for one item: seeded by ``(seed, epoch, index)``, or by torch's RNG if seed is None."""
+def item_rng(seed: int | None, epoch: int, index: int, attempt: int = 0) -> np.random.Generator:
+    """The generator for one item: seeded by ``(seed, epoch, index, attempt)``, or by torch's RNG if seed is None.
+
+    ``attempt`` counts the files tried for the item, so its draws do not depend on whether a bad file before it
+    was already known (skipped unread) or failed while being read: resumed runs see the same items.
+    """
     if seed is None:
         return np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-    return np.random.default_rng([seed, epoch, index])
+    return np.random.default_rng([seed, epoch, index, attempt])
 
 
 # ---------------------------------------------------------------------------------------------- datasets
 
 
-class MediaDataset(Dataset):
+class MediaDataset(Dataset, ABC):
     """What the datasets below share: their files, the files found unusable, seeding and skipping.
 
     ``skipped`` maps a path to ``"reason: detail"``. Item ``index`` is ``_load(file, rng)`` for file
@@ -301,10 +306,10 @@ class MediaDataset(Dataset):
         self.epoch = 0
         self.skipped: dict[str, str] = {}
 
+    @abstractmethod
     def _load(self, path: Path, rng: np.random.Generator) -> dict:
         """One item from ``path`` drawing randomness from ``rng``; each dataset below defines it and raises
         :class:`MediaReadError` for a file it cannot use."""
-        raise NotImplementedError(f"{type(self).__name__} must define _load")
 
     def set_epoch(self, epoch: int) -> None:
         """Draw different clips, crops and frames in the next epoch."""
@@ -317,13 +322,12 @@ class MediaDataset(Dataset):
         if not -len(self) <= index < len(self):  # IndexError is what ends `for item in dataset`
             raise IndexError(f"index {index} out of range for {len(self)} items")
         index %= len(self)
-        rng = item_rng(self.seed, self.epoch, index)
         for offset in range(len(self.files)):
             path = self.files[(index + offset) % len(self.files)]
             if str(path) in self.skipped:
                 continue
             try:
-                return self._load(path, rng)
+                return self._load(path, item_rng(self.seed, self.epoch, index, offset))
             except MediaReadError as error:
                 self.skip(path, error)
         raise RuntimeError(f"every file is unusable. {self.summary()}")

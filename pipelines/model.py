@@ -96,10 +96,11 @@ def build_unet_config(model: DiffusionModelConfig, text: TextConfig, text_encode
 
 def sample(bundle: DiffusionBundle, denoise, shape: tuple[int, ...], sampling: SamplingConfig,
            generator: torch.Generator, progress: bool = False) -> Tensor:
-    """Run the configured sampler from ``z_1 ~ N(0, I)`` of ``shape``: returns latents on the model's device."""
-    z = torch.randn(shape, generator=generator).to(bundle.device)
-    grid = bundle.model.schedule.grid(sampling.steps).to(bundle.device)
-    return get_sampler(sampling.sampler)(denoise, z, grid, generator=None, progress=progress, **sampling.knobs())
+    """Run the configured sampler from ``z_1 ~ N(0, I)`` of ``shape``; ``generator`` lives on the model's device
+    and draws every random number, so a seed fixes the result."""
+    z = torch.randn(shape, generator=generator, device=generator.device)
+    grid = bundle.model.schedule.grid(sampling.steps).to(z.device)
+    return get_sampler(sampling.sampler)(denoise, z, grid, generator=generator, progress=progress, **sampling.knobs())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

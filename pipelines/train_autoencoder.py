@@ -161,6 +161,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
                              cfg.data.eval_fraction, cfg.data.crop, seed=cfg.run.seed)
     eval_set = FrameDataset(cfg.data.roots, cfg.data.size, max(1, cfg.eval_frames // 8), "eval",
                             cfg.data.eval_fraction, "center", seed=cfg.run.seed + 1)
+    torch.manual_seed(cfg.run.seed)  # initial weights are a function of the seed
     vae, loss_fn = build_models(cfg)
     opt_g = make_optimizer(list(vae.parameters()) + [loss_fn.logvar], cfg.optim)
     opt_d = make_optimizer(loss_fn.discriminator.parameters(),
@@ -178,7 +179,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     stream = IndexStream(len(train_set), cfg.run.batch_size, cfg.run.seed, accelerator.process_index,
                          accelerator.num_processes)
     loader = DataLoader(EpochView(train_set), batch_sampler=stream.batches(state.step * cfg.run.grad_accum),
-                        num_workers=cfg.run.num_workers, collate_fn=collate)
+                        num_workers=cfg.run.num_workers, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(cfg.run.seed))  # not the global RNG
     batches = _frames(loader, accelerator.device)
     losses = LossLog(out / "loss.csv", resume_step=state.step) if accelerator.is_main_process else None
 

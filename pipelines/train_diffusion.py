@@ -159,6 +159,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     device = accelerator.device
     out = Path(cfg.run.out_dir)
     source = _Source(cfg.data, device)
+    torch.manual_seed(cfg.run.seed)  # initial weights are a function of the seed
     text_encoder = build_text_encoder(cfg.text)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, unet=build_unet_config(cfg.model, cfg.text, text_encoder, source.shape[0])))
@@ -187,7 +188,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     stream = IndexStream(len(source.dataset), cfg.run.batch_size, cfg.run.seed, accelerator.process_index,
                          accelerator.num_processes)
     loader = DataLoader(EpochView(source.dataset), batch_sampler=stream.batches(state.step * cfg.run.grad_accum),
-                        num_workers=cfg.run.num_workers, collate_fn=collate)
+                        num_workers=cfg.run.num_workers, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(cfg.run.seed))  # not the global RNG
     batches = _batches(loader, device)
     losses = LossLog(out / "loss.csv", resume_step=state.step) if accelerator.is_main_process else None
     info = {"latent_shape": source.shape, "autoencoder": source.autoencoder}
@@ -276,7 +278,7 @@ def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, null, source
     net.eval()
     try:
         denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling.guidance)
-        generator = torch.Generator().manual_seed(cfg.run.seed)
+        generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
         latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
     finally:
         net.train()

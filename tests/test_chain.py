@@ -1,0 +1,110 @@
+"""The pipeline stages on real video files: outputs, skipped broken files, shards, resumption."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from autoencoder import load_autoencoder
+from pipelines.config import load_config
+from pipelines.latents import EncodeConfig, LatentDataset, encode_latents
+from pipelines.train_autoencoder import AutoencoderTrainConfig, train_autoencoder
+from pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion
+from tests.pipeline_helpers import BROKEN, autoencoder_overrides, diffusion_overrides, encode_overrides
+
+quiet = lambda *args, **kwargs: None  # noqa: E731
+
+
+def test_autoencoder_run_writes_a_loadable_model_and_its_pictures(chain):
+    run = chain["autoencoder"]
+    for name in ("config.yaml", "eval.json", "loss.csv", "loss.png", "samples/reconstructions.png"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["steps"] == 4 and 0 < summary["psnr"] < 100 and -1 <= summary["ssim"] <= 1
+    vae = load_autoencoder(run / "model")
+    assert vae.config.latent_scale == pytest.approx(summary["latent_scale"])
+    checkpoint = load_autoencoder(run / "checkpoints")  # a checkpoint root is a loadable model too
+    assert checkpoint.config.base_channels == 8
+
+
+def test_encoding_skips_broken_files_and_lists_them(chain):
+    manifest = json.loads((chain["latents"] / "manifest.json").read_text())
+    skipped = {p.split("/")[-1] for p in manifest["skipped"]}
+    assert skipped == set(BROKEN)
+    assert manifest["clips"] == 13  # 12 world clips + the ffmpeg clip
+    assert manifest["latent_shape"] == [4, 8, 8, 8]
+    dataset = LatentDataset(chain["latents"])
+    assert len(dataset) == 13
+    item = dataset[0]
+    assert item["latents"].shape == (4, 8, 8, 8) and item["caption"].startswith("a ")
+    captions = [r["caption"] for r in dataset.records]
+    assert captions.count("") == 1  # the ffmpeg clip has none
+
+
+def test_encoding_resumes_without_duplicates_or_gaps(chain, tmp_path):
+    """Simulate a kill after the first shards: delete the last shard and the manifest, rerun, compare."""
+    out = tmp_path / "lat"
+    shutil.copytree(chain["latents"], out)
+    shards = sorted(out.glob("shard_*.safetensors"))
+    assert len(shards) >= 3
+    reference = load_file(shards[-1])["latents"]
+    shards[-1].unlink()
+    (out / "manifest.json").unlink()
+    manifest = encode_latents(load_config(EncodeConfig, None, encode_overrides(
+        chain["autoencoder"] / "model", chain["videos"], out)), quiet)
+    assert manifest["stats"]["encoded_clips"] == load_file(shards[-1])["latents"].shape[0]  # only the lost shard
+    torch.testing.assert_close(load_file(shards[-1])["latents"], reference)
+    paths = [r["path"] for r in LatentDataset(out).records]
+    assert len(paths) == len(set(paths)) == 13
+
+
+def test_diffusion_run_writes_checkpoints_samples_and_curves(chain):
+    run = chain["diffusion"]
+    for name in ("config.yaml", "loss.csv", "loss.png", "summary.json", "samples/step_0000004.png"):
+        assert (run / name).is_file(), name
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    files = {p.name for p in latest.iterdir()}
+    assert {"unet.safetensors", "ema_unet.safetensors", "text.safetensors", "optimizer_main.safetensors",
+            "trainer_state.json"} <= files
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["latent_shape"] == [4, 6, 8, 8]
+
+
+def _weights(directory):
+    return {p.name: load_file(p) for p in sorted(directory.glob("*.safetensors"))}
+
+
+def _assert_same_run(a, b):
+    """Two runs ended in the same state: every checkpoint tensor and the logged losses."""
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        for key in wa[name]:
+            torch.testing.assert_close(wa[name][key], wb[name][key], rtol=0, atol=0, msg=f"{name}:{key}")
+
+
+def test_diffusion_training_resumes_exactly(chain, tmp_path):
+    """4 steps straight equal 2 steps, a kill, and a resumed run to step 4."""
+    straight = tmp_path / "straight"
+    train_diffusion(load_config(DiffusionTrainConfig, None, diffusion_overrides(chain["latents"], straight)), quiet)
+    resumed = tmp_path / "resumed"
+    train_diffusion(load_config(DiffusionTrainConfig, None,
+                                diffusion_overrides(chain["latents"], resumed, steps=2)), quiet)
+    train_diffusion(load_config(DiffusionTrainConfig, None, diffusion_overrides(chain["latents"], resumed)), quiet)
+    _assert_same_run(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
+    last = lambda run: (run / "loss.csv").read_text().splitlines()[-1]  # noqa: E731
+    assert last(straight) == last(resumed)
+
+
+def test_autoencoder_training_resumes_exactly(chain, tmp_path):
+    """The same for the VAE, with the discriminator switched on mid-run (disc_start=2)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_autoencoder(load_config(AutoencoderTrainConfig, None, autoencoder_overrides(chain["videos"], straight)),
+                      quiet)
+    train_autoencoder(load_config(AutoencoderTrainConfig, None,
+                                  autoencoder_overrides(chain["videos"], resumed, steps=2)), quiet)
+    train_autoencoder(load_config(AutoencoderTrainConfig, None, autoencoder_overrides(chain["videos"], resumed)),
+                      quiet)
+    _assert_same_run(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
