@@ -212,28 +212,41 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
 
 
 def _train_step(cfg, accelerator, vae, loss_fn, opt_g, opt_d, batches, step: int) -> dict[str, float]:
-    """One optimiser step of the VAE (and of the discriminator once it is on), over ``grad_accum`` batches."""
+    """One optimiser step of the VAE (and of the discriminator once it is on), over ``grad_accum`` batches.
+
+    The VAE's GAN term back-propagates into the discriminator too (as in LDM); those gradients are cleared before
+    the discriminator's own losses are accumulated.
+    """
     logs: dict[str, float] = {}
-    disc_on = step >= cfg.loss.disc_start
+    scale = 1.0 / cfg.run.grad_accum
     last_layer = accelerator.unwrap_model(vae).last_layer
+    pairs = []
     for _ in range(cfg.run.grad_accum):
         x = next(batches)
         with accelerator.autocast():
             recon, posterior = vae(x)
             loss_g, log_g = loss_fn(x, recon, posterior, 0, step, last_layer=last_layer)
-        accelerator.backward(loss_g / cfg.run.grad_accum)
-        if disc_on:
+        accelerator.backward(loss_g * scale)
+        pairs.append((x, recon.detach(), posterior))
+        logs = {k: logs.get(k, 0.0) + v * scale for k, v in log_g.items()}
+    _optimizer_step(accelerator, opt_g, vae.parameters(), cfg.optim.max_grad_norm)
+    opt_d.zero_grad(set_to_none=True)
+    if step >= cfg.loss.disc_start:
+        for x, recon, posterior in pairs:
             with accelerator.autocast():
-                loss_d, log_d = loss_fn(x, recon.detach(), posterior, 1, step)
-            accelerator.backward(loss_d / cfg.run.grad_accum)
-            log_g.update(log_d)
-        logs = {k: logs.get(k, 0.0) + v / cfg.run.grad_accum for k, v in log_g.items()}
-    for optimizer, params in ((opt_g, vae.parameters()), (opt_d, loss_fn.discriminator.parameters())):
-        if cfg.optim.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                loss_d, log_d = loss_fn(x, recon, posterior, 1, step)
+            accelerator.backward(loss_d * scale)
+            logs.update({k: logs.get(k, 0.0) + v * scale for k, v in log_d.items() if k != "disc_factor"})
+        _optimizer_step(accelerator, opt_d, loss_fn.discriminator.parameters(), cfg.optim.max_grad_norm)
     return logs
+
+
+def _optimizer_step(accelerator, optimizer, params, max_grad_norm: float) -> None:
+    """Clip (when asked), step, clear."""
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _with_scale(vae: AutoencoderKL, frames: torch.Tensor) -> AutoencoderConfig:

@@ -204,7 +204,7 @@ def test_checkpoint_root_follows_latest_and_prefers_ema(tmp_path):
     model, ema = AutoencoderKL(config), AutoencoderKL(config)
     step = tmp_path / "run" / "step_0000002"
     save_autoencoder(model, step)
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, step / "ema.safetensors")
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, step / "ema_model.safetensors")
     save_autoencoder(AutoencoderKL(config), tmp_path / "run" / "step_0000001")  # older, not pointed at
     (tmp_path / "run" / "latest").write_text("step_0000002\n")
     key = "decoder.conv_out.weight"

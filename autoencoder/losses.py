@@ -1,0 +1,236 @@
+"""LDM's autoencoder objective (``LPIPSWithDiscriminator``; PAPER.md, first-stage autoencoder).
+
+Generator (``optimizer_idx`` 0), for a batch of n frames:
+    rec = |x − x̂| (or (x − x̂)²) + perceptual_weight · LPIPS(x, x̂)            per pixel, LPIPS broadcast
+    nll = Σ (rec / e^{logvar} + logvar) / n                                    one learned scalar logvar
+    L   = nll + kl_weight · Σ KL / n + λ · disc_factor · g_loss,  g_loss = −mean D(x̂)
+    λ   = clamp(‖∇_W nll‖ / (‖∇_W g_loss‖ + 1e-4), 0, 1e4) · disc_weight       W = the decoder's last layer
+Discriminator (``optimizer_idx`` 1): disc_factor · hinge (or vanilla) loss on D(x), D(x̂).
+``disc_factor`` is 0 before ``disc_start`` (a global step), so the GAN terms are off until then.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import lpips
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoencoder.model import DiagonalGaussian
+
+PerceptualMode = Literal["pretrained", "untrained", "off"]
+LpipsNet = Literal["alex", "vgg"]
+DiscNorm = Literal["batch", "group", "none"]
+Log = dict[str, float]
+BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+
+
+class FrozenLPIPS(nn.Module):
+    """LPIPS distance ``[n]`` between frames ``[n, 3, H, W]`` in [-1, 1]; frozen, and always in eval mode."""
+
+    def __init__(self, metric: lpips.LPIPS):
+        super().__init__()
+        self.metric = metric.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenLPIPS:
+        """Stays in eval mode whatever the parent asks (LPIPS' dropout must never be active)."""
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.metric(x, y).flatten()
+
+
+def backbone_path(net: str) -> Path:
+    """Where torch hub caches the torchvision ImageNet weights that LPIPS ``net`` needs."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONE_FILES[net]
+
+
+def _load_backbone(metric: lpips.LPIPS, path: Path) -> None:
+    """Copy torchvision ``features.{i}`` weights from ``path`` into LPIPS' ``net.slice{s}.{i}`` layers."""
+    features = torch.load(path, map_location="cpu", weights_only=True)
+    state = {key: features["features." + key.split(".", 1)[1]] for key in metric.net.state_dict()}
+    metric.net.load_state_dict(state)
+
+
+def build_lpips(mode: PerceptualMode = "pretrained", net: LpipsNet = "alex") -> FrozenLPIPS | None:
+    """The perceptual metric, or ``None`` for mode "off".
+
+    "pretrained": the lpips package's linear layers on the ImageNet backbone, read from torch hub's cache
+    (never downloaded: a missing file is a ``FileNotFoundError`` saying where to put it). "untrained": the
+    shipped linear layers on a randomly initialised backbone (``pnet_rand=True``), for tests and offline
+    smoke runs.
+    """
+    if mode == "off":
+        return None
+    if mode not in ("pretrained", "untrained") or net not in BACKBONE_FILES:
+        raise ValueError(f"perceptual mode must be 'pretrained', 'untrained' or 'off' and net 'alex' or "
+                         f"'vgg', got {mode!r}, {net!r}")
+    path = backbone_path(net)
+    if mode == "pretrained" and not path.is_file():
+        raise FileNotFoundError(f"LPIPS needs the torchvision {net} ImageNet weights: put {path.name} at "
+                                f"{path} (or set TORCH_HOME), or use perceptual mode 'off' or 'untrained'")
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated ``pretrained=False``
+        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
+        metric = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+    if mode == "pretrained":
+        _load_backbone(metric, path)
+    return FrozenLPIPS(metric)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix NLayerDiscriminator): frames [n, c, H, W] → logits [n, 1, h', w'] per patch.
+
+    4×4 convs 64 → 128 → 256 → 512 → 1 (for ``num_layers`` = 3), LeakyReLU 0.2, a norm after every conv but
+    the first and last; weights ~ N(0, 0.02), norm scales ~ N(1, 0.02).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, num_layers: int = 3,
+                 norm: DiscNorm = "batch"):
+        super().__init__()
+        widths = [channels * min(2**i, 8) for i in range(num_layers + 1)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1),
+                                   nn.LeakyReLU(0.2)]
+        for i in range(1, num_layers + 1):
+            stride = 2 if i < num_layers else 1
+            layers += [nn.Conv2d(widths[i - 1], widths[i], 4, stride=stride, padding=1, bias=norm != "batch"),
+                       _norm(norm, widths[i]), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*layers)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(32, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"discriminator norm must be 'batch', 'group' or 'none', got {kind!r}")
+
+
+def _init_weights(module: nn.Module) -> None:
+    """pix2pix init: conv weights ~ N(0, 0.02); norm scales ~ N(1, 0.02), shifts 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂)))."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """½ (mean softplus(−D(x)) + mean softplus(D(x̂))), the non-saturating GAN loss."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def _floats(log: dict[str, torch.Tensor | float]) -> Log:
+    """The log's scalars as Python floats (detached)."""
+    return {key: float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            for key, value in log.items()}
+
+
+class AutoencoderLoss(nn.Module):
+    """LDM's LPIPSWithDiscriminator (module docstring): the generator and discriminator losses of the VAE."""
+
+    def __init__(self, disc_start: int = 50001, kl_weight: float = 1e-6, disc_weight: float = 0.5,
+                 disc_factor: float = 1.0, perceptual_weight: float = 1.0,
+                 perceptual: PerceptualMode = "pretrained", lpips_net: LpipsNet = "alex",
+                 reconstruction: Literal["l1", "l2"] = "l1", disc_loss: Literal["hinge", "vanilla"] = "hinge",
+                 disc_num_layers: int = 3, disc_norm: DiscNorm = "batch", in_channels: int = 3,
+                 logvar_init: float = 0.0):
+        super().__init__()
+        if reconstruction not in ("l1", "l2") or disc_loss not in DISC_LOSSES:
+            raise ValueError(f"reconstruction must be 'l1' or 'l2' and disc_loss 'hinge' or 'vanilla', "
+                             f"got {reconstruction!r}, {disc_loss!r}")
+        self.disc_start, self.disc_factor, self.disc_weight = disc_start, disc_factor, disc_weight
+        self.kl_weight, self.perceptual_weight = kl_weight, perceptual_weight
+        self.reconstruction = reconstruction
+        self.perceptual = build_lpips(perceptual, lpips_net)
+        self.disc_loss = DISC_LOSSES[disc_loss]
+        self.discriminator = PatchDiscriminator(in_channels, num_layers=disc_num_layers, norm=disc_norm)
+        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+
+    def forward(self, inputs: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
+                optimizer_idx: int, global_step: int,
+                last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, Log]:
+        """(loss, log of floats) for frames ``inputs`` and ``recon`` ``[n, c, H, W]`` in [-1, 1].
+
+        ``optimizer_idx`` 0 is the VAE (generator) loss, which needs ``last_layer`` (``vae.last_layer``) once
+        the discriminator is on; 1 is the discriminator loss.
+        """
+        if optimizer_idx == 0:
+            return self.generator_loss(inputs, recon, posterior, global_step, last_layer)
+        if optimizer_idx == 1:
+            return self.discriminator_loss(inputs, recon, global_step)
+        raise ValueError(f"optimizer_idx must be 0 (generator) or 1 (discriminator), got {optimizer_idx}")
+
+    def active_disc_factor(self, global_step: int) -> float:
+        """``disc_factor`` from ``disc_start`` on, 0 before."""
+        return self.disc_factor if global_step >= self.disc_start else 0.0
+
+    def reconstruction_loss(self, inputs: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """rec = |x − x̂| or (x − x̂)², + perceptual_weight · LPIPS(x, x̂) on every pixel; [n, c, H, W]."""
+        diff = inputs - recon
+        rec = diff.abs() if self.reconstruction == "l1" else diff.pow(2)
+        if self.perceptual is not None and self.perceptual_weight > 0:
+            rec = rec + self.perceptual_weight * self.perceptual(inputs, recon)[:, None, None, None]
+        return rec
+
+    def adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor,
+                        last_layer: torch.Tensor | None) -> torch.Tensor:
+        """λ = clamp(‖∇_W nll‖ / (‖∇_W g_loss‖ + 1e-4), 0, 1e4) · disc_weight at W = ``last_layer``, detached.
+
+        Without a graph (validation under ``no_grad``) λ is 0, as in LDM.
+        """
+        if not nll_loss.requires_grad:
+            return torch.zeros((), device=nll_loss.device)
+        if last_layer is None:
+            raise ValueError("last_layer (vae.last_layer) is required once the discriminator is on")
+        (nll_grad,) = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
+        (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+        ratio = nll_grad.norm() / (g_grad.norm() + 1e-4)
+        return ratio.clamp(0.0, 1e4).detach() * self.disc_weight
+
+    def generator_loss(self, inputs: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
+                       global_step: int, last_layer: torch.Tensor | None) -> tuple[torch.Tensor, Log]:
+        """L = nll + kl_weight · KL + λ · disc_factor · g_loss (module docstring); no GAN term while off."""
+        n = inputs.shape[0]
+        rec = self.reconstruction_loss(inputs, recon)
+        nll_loss = (rec / torch.exp(self.logvar) + self.logvar).sum() / n
+        kl_loss = posterior.kl().sum() / n
+        disc_factor = self.active_disc_factor(global_step)
+        g_loss = d_weight = torch.zeros((), device=inputs.device)
+        if disc_factor > 0:
+            g_loss = -self.discriminator(recon).mean()
+            d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
+        loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+        log = {"total_loss": loss, "nll_loss": nll_loss, "rec_loss": rec.mean(), "kl_loss": kl_loss,
+               "logvar": self.logvar, "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor}
+        return loss, _floats(log)
+
+    def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
+                           global_step: int) -> tuple[torch.Tensor, Log]:
+        """disc_factor · d_loss(D(x), D(x̂)) on detached frames (0 before ``disc_start``, with a graph)."""
+        logits_real = self.discriminator(inputs.detach())
+        logits_fake = self.discriminator(recon.detach())
+        disc_factor = self.active_disc_factor(global_step)
+        loss = disc_factor * self.disc_loss(logits_real, logits_fake)
+        log = {"disc_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean(),
+               "disc_factor": disc_factor}
+        return loss, _floats(log)

@@ -1,0 +1,83 @@
+"""The per-frame VAE on the project's one video layout ``[b, c, f, h, w]``.
+
+Frames are folded into the batch with einops, run through the VAE ``chunk_frames`` at a time under the
+caller's grad mode (so activation memory does not grow with video length), and unfolded again. Latents leaving
+:func:`encode_video` are normalised, z' = (z − latent_shift) · latent_scale (LDM scale-by-std);
+:func:`decode_video` undoes that before decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from einops import rearrange
+
+from autoencoder.model import AutoencoderConfig, AutoencoderKL
+
+
+def _fold(video: torch.Tensor) -> torch.Tensor:
+    """[b, c, f, h, w] → [(b f), c, h, w] (a view when b = 1)."""
+    if video.ndim != 5:
+        raise ValueError(f"expected a video [b, c, f, h, w], got shape {tuple(video.shape)}")
+    return rearrange(video, "b c f h w -> (b f) c h w")
+
+
+def _unfold(frames: torch.Tensor, batch: int) -> torch.Tensor:
+    """[(b f), c, h, w] → contiguous [b, c, f, h, w]."""
+    return rearrange(frames, "(b f) c h w -> b c f h w", b=batch).contiguous()
+
+
+def _chunks(frames: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, ...]:
+    """Consecutive slices of at most ``chunk_frames`` frames along dim 0 (views, no copy)."""
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be a positive number of frames, got {chunk_frames}")
+    return frames.split(chunk_frames)
+
+
+def _encode_frames(vae: AutoencoderKL, frames: torch.Tensor, chunk_frames: int, sample: bool,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Unscaled latents [n, z, h/F, w/F] of frames [n, c, h, w]: posterior samples or means, by chunks."""
+    latents = []
+    for chunk in _chunks(frames, chunk_frames):
+        posterior = vae.encode(chunk)
+        latents.append(posterior.sample(generator) if sample else posterior.mode())
+    return torch.cat(latents)
+
+
+def encode_video(vae: AutoencoderKL, video: torch.Tensor, chunk_frames: int = 16, sample: bool = False,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Normalised latents [b, z, f, h/F, w/F] of a video [b, c, f, h, w] in [-1, 1].
+
+    Each frame is encoded alone; z is the posterior mean, or with ``sample`` a draw from ``generator``.
+    """
+    z = _encode_frames(vae, _fold(video), chunk_frames, sample, generator)
+    z = (z - vae.config.latent_shift) * vae.config.latent_scale
+    return _unfold(z, video.shape[0])
+
+
+def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_frames: int = 16) -> torch.Tensor:
+    """Video [b, c, f, F·h, F·w] from normalised latents [b, z, f, h, w], decoding each frame alone."""
+    z = _fold(latents) / vae.config.latent_scale + vae.config.latent_shift
+    frames = torch.cat([vae.decode(chunk) for chunk in _chunks(z, chunk_frames)])
+    return _unfold(frames, latents.shape[0])
+
+
+@torch.no_grad()
+def estimate_latent_scale(vae: AutoencoderKL, frames_or_video: torch.Tensor, chunk_frames: int = 16,
+                          generator: torch.Generator | None = None) -> float:
+    """LDM's scale-by-std: 1 / std of posterior samples z of frames [n, c, h, w] or a video [b, c, f, h, w].
+
+    With the same ``generator`` state and ``chunk_frames``, ``encode_video(..., sample=True)`` under the
+    returned scale draws the same z and so gives latents of exactly unit standard deviation.
+    """
+    frames = _fold(frames_or_video) if frames_or_video.ndim == 5 else frames_or_video
+    z = _encode_frames(vae, frames, chunk_frames, sample=True, generator=generator)
+    return 1.0 / z.float().std().item()
+
+
+def with_estimated_latent_scale(vae: AutoencoderKL, frames_or_video: torch.Tensor, chunk_frames: int = 16,
+                                generator: torch.Generator | None = None) -> AutoencoderConfig:
+    """A copy of ``vae.config`` whose ``latent_scale`` is :func:`estimate_latent_scale` on these frames."""
+    scale = estimate_latent_scale(vae, frames_or_video, chunk_frames, generator)
+    return dataclasses.replace(vae.config, latent_scale=scale)
