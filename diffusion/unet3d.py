@@ -193,10 +193,11 @@ class CrossAttention(nn.Module):
 
 
 class TemporalAttention(nn.Module):
-    """Self-attention over frames at each spatial position (positions as batch), with Shaw et al.'s relative
-    position embeddings on the keys: ``logit_ij = q_i · (k_j + a_{clip(j − i)}) / √d``. The relative term and
-    the image mask form one additive bias, so the efficient kernels run it. Output projection starts at zero:
-    the block is the identity at initialisation."""
+    """Self-attention over frames at each spatial position (positions as batch) with relative positions only:
+    Shaw et al.'s key embeddings plus a learned scalar bias per head (the T5 form), both indexed by the clipped
+    frame distance ``r = clip(j − i, ±k)``: ``logit_ij = (q_i · (k_j + a_r)) / √d + b_{head, r}``. Together with
+    the image mask they form one additive bias, so the efficient kernels run it. The output projection starts at
+    zero: the block is the identity at initialisation."""
 
     def __init__(self, channels: int, head_dim: int, groups: int, max_distance: int, backend: str):
         super().__init__()
@@ -204,15 +205,17 @@ class TemporalAttention(nn.Module):
         self.norm = _group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.relative = nn.Parameter(torch.randn(2 * max_distance + 1, channels // self.heads) * 0.02)
+        self.relative_scalar = nn.Parameter(torch.zeros(self.heads, 2 * max_distance + 1))
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
     def relative_bias(self, q: Tensor) -> Tensor:
-        """``q · a_{j − i} / √d``: ``[B, heads, f, d] -> [B, heads, f, f]``."""
+        """``q · a_r / √d + b_r``: ``[B, heads, f, d] -> [B, heads, f, f]``."""
         f = q.shape[2]
         pos = torch.arange(f, device=q.device)
         index = (pos[None, :] - pos[:, None]).clamp(-self.max_distance, self.max_distance) + self.max_distance
         table = self.relative.to(q.dtype)[index]  # [f, f, d]
-        return torch.einsum("bmid,ijd->bmij", q, table) / math.sqrt(q.shape[-1])
+        scalar = self.relative_scalar.to(q.dtype)[:, index]  # [heads, f, f]
+        return torch.einsum("bmid,ijd->bmij", q, table) / math.sqrt(q.shape[-1]) + scalar
 
     def forward(self, x: Tensor, state: FrameState) -> Tensor:
         n, c, h, w = x.shape

@@ -51,6 +51,7 @@ class WorldSpec:
     min_speed: float = 1.0
     max_speed: float = 2.0
     fps: float = 8.0
+    min_run_frames: int = MIN_RUN_FRAMES  # frames of travel before the first bounce (as far as the frame allows)
 
 
 @dataclass
@@ -92,13 +93,13 @@ def sample_world_params(
     """Random clip parameters; ``combo = (colour, shape, direction)`` fixes what moves and which way.
 
     The start is uniform over the positions that keep the shape inside the frame and leave it at least
-    ``MIN_RUN_FRAMES`` frames of travel before the wall ahead.
+    ``spec.min_run_frames`` frames of travel before the wall ahead (or the whole width, when that is shorter).
     """
     spec = spec or WorldSpec()
     colour, shape, direction = combo or COMBOS[int(rng.integers(len(COMBOS)))]
     speed = float(rng.uniform(spec.min_speed, spec.max_speed))
     lo, hi = _half_extent(spec), spec.size - _half_extent(spec)
-    run = min(MIN_RUN_FRAMES * speed, hi - lo)
+    run = min(spec.min_run_frames * speed, hi - lo)
     position = [float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))]
     dx, dy = DIRECTIONS[direction]
     axis, sign = (0, dx) if dx else (1, dy)
