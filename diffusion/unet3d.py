@@ -251,6 +251,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _per_frame(context: Tensor, f: int) -> Tensor:
+    """Token embeddings for every frame: ``[b, n, d]`` (shared) or ``[b, f, n, d]`` → ``[(b f), n, d]``."""
+    if context.ndim == 4:
+        return rearrange(context, "b f n d -> (b f) n d")
+    return repeat(context, "b n d -> (b f) n d", f=f)
+
+
 def temporal_image_mask(num_frames: int, num_images: int, device: torch.device) -> Optional[Tensor]:
     """Joint image–video training mask ``[f, f]`` (0 allowed, −inf blocked): the first ``f − num_images``
     frames are a video and attend to one another; each appended image attends only to itself (paper §3)."""
@@ -333,6 +340,13 @@ class UNet3D(nn.Module):
                 x = block(x, state)
         return x
 
+    def _frame_embedding(self, logsnr: Tensor, cond: Optional[Tensor], f: int) -> Tensor:
+        """``[(b f), emb_dim]``: one embedding per sample, or per frame when ``cond`` is ``[b, f, cond_dim]``
+        (appended images carry their own captions)."""
+        if cond is not None and cond.ndim == 3:
+            return self.embed(repeat(logsnr, "b -> (b f)", f=f), rearrange(cond, "b f d -> (b f) d"))
+        return repeat(self.embed(logsnr, cond), "b d -> (b f) d", f=f)
+
     def forward(
         self,
         z: Tensor,
@@ -341,16 +355,16 @@ class UNet3D(nn.Module):
         context: Optional[Tensor] = None,
         num_images: int = 0,
     ) -> Tensor:
-        """``z [b, c, f, h, w]``, ``logsnr [b]``, ``cond [b, cond_dim]``, ``context [b, n, context_dim]``; the last
-        ``num_images`` frames of every sample are independent images (joint training). Returns
-        ``[b, out_channels, f, h, w]``."""
+        """``z [b, c, f, h, w]``, ``logsnr [b]``, ``cond [b, cond_dim]``, ``context [b, n, context_dim]`` (or per
+        frame: ``[b, f, cond_dim]``, ``[b, f, n, context_dim]``); the last ``num_images`` frames of every sample
+        are independent images (joint training). Returns ``[b, out_channels, f, h, w]``."""
         b, _, f, h, w = z.shape
         if h % self.config.downsample_factor or w % self.config.downsample_factor:
             raise ValueError(f"spatial size {h}×{w} must be divisible by {self.config.downsample_factor}")
         state = FrameState(
-            emb=repeat(self.embed(logsnr.expand(b), cond), "b d -> (b f) d", f=f),
+            emb=self._frame_embedding(logsnr.expand(b), cond, f),
             num_frames=f,
-            context=None if context is None else repeat(context, "b n d -> (b f) n d", f=f),
+            context=None if context is None else _per_frame(context, f),
             temporal_mask=temporal_image_mask(f, num_images, z.device),
         )
         x = rearrange(z, "b c f h w -> (b f) c h w")  # frames fold into the batch

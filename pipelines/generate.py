@@ -164,6 +164,7 @@ class _Writer:
         return torch.cat(shown, dim=1)
 
 
+@torch.no_grad()  # reconstruction guidance enables gradients for its own computation only
 def generate(cfg: GenerateConfig, log=print) -> dict:
     """Generate ``cfg.prompts`` into ``cfg.out_dir``: videos, a contact sheet and ``generation.json``."""
     device = resolve_device(cfg.device)

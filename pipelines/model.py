@@ -135,6 +135,9 @@ def load_diffusion(path: str | Path, device: torch.device | str = "cpu", use_ema
     null_cache = None
     if (directory / "null_text.safetensors").is_file():
         null_cache = {k.removeprefix("tensors."): v for k, v in load_file(directory / "null_text.safetensors").items()}
+    net.requires_grad_(False)  # sampling only: no autograd graphs through the weights
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
     return DiffusionBundle(
         denoiser=Denoiser(net, cfg.model.prediction).to(device).eval(), text_encoder=text_encoder, text=cfg.text,
         model=cfg.model, latent_shape=info["latent_shape"], autoencoder=info.get("autoencoder"),

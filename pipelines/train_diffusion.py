@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -23,7 +24,7 @@ from autoencoder import decode_video, encode_video, load_autoencoder
 from diffusion import EMA, Denoiser, UNet3D, diffusion_loss
 from pipelines.checkpoint import atomic_write_json
 from pipelines.config import config_to_dict, save_resolved_config
-from pipelines.data import VideoClipDataset, collate
+from pipelines.data import ImageDataset, VideoClipDataset, collate
 from pipelines.latents import ClipConfig, LatentDataset
 from pipelines.model import DiffusionBundle, DiffusionModelConfig, SamplingConfig, build_unet_config, sample
 from pipelines.text import TextConfig, build_text_encoder, is_trainable, select
@@ -53,7 +54,9 @@ class DiffusionDataConfig:
     autoencoder: Optional[str] = None  # for on-the-fly encoding and sample videos (default: the shards')
     clip: ClipConfig = field(default_factory=lambda: ClipConfig(start="random"))  # on-the-fly clips
     num_frames: int = 16  # frames per training clip: a random window of each cached clip
-    images_per_video: int = 0  # joint image–video training: independent frames appended to each clip
+    images_per_video: int = 0  # joint image–video training: independent images appended to each clip
+    images: list[str] = field(default_factory=list)  # image folders to draw them from (default: other frames
+    image_captions: Optional[str] = None  # of the same clip); a captions manifest for the image folders
 
 
 @dataclass
@@ -80,22 +83,42 @@ class DiffusionObjective(nn.Module):
         self.text_encoder = text_encoder if is_trainable(text_encoder) else None  # frozen ones stay outside
         self._frozen = None if is_trainable(text_encoder) else text_encoder
 
-    def conditioning(self, batch: dict, null: Optional[dict]) -> tuple[dict, Optional[dict]]:
-        """(per-sample conditioning, null conditioning) for the U-Net."""
-        if self.text_encoder is not None:  # trainable: encode the captions and "" in one pass
-            emb = select(self.text_encoder(list(batch["caption"]) + [""]), self.use_tokens)
-            return {k: v[:-1] for k, v in emb.items()}, {k: v[-1:] for k, v in emb.items()}
-        if "cond" in batch:  # frozen embeddings cached in the shards
-            cond = {k: batch[k] for k in ("cond", "context") if k in batch}
-            return select(cond, self.use_tokens), null
-        if self._frozen is not None:
-            with torch.no_grad():
-                return select(self._frozen(list(batch["caption"])), self.use_tokens), null
-        return {}, None
+    def _embed(self, captions: list[str]) -> dict[str, Tensor]:
+        """U-Net conditioning for captions (trainable encoder with gradients, frozen one without)."""
+        if self.text_encoder is not None:
+            return select(self.text_encoder(captions), self.use_tokens)
+        with torch.no_grad():
+            return select(self._frozen(captions), self.use_tokens)
+
+    def conditioning(self, batch: dict, null: Optional[dict], frames: int) -> tuple[dict, Optional[dict]]:
+        """(conditioning, null conditioning) for the U-Net: per sample, or per frame ``[b, f + m, ...]`` when the
+        batch carries ``m`` appended images with captions of their own (``image_caption``: b lists of m)."""
+        if self.text_encoder is None and self._frozen is None:
+            return {}, None
+        captions = list(batch["caption"])
+        image_captions = [c for row in batch.get("image_caption", []) for c in row]
+        if self.text_encoder is not None:  # trainable: captions, image captions and "" in one pass
+            emb = self._embed(captions + image_captions + [""])
+            null = {k: v[-1:] for k, v in emb.items()}
+        elif "cond" in batch:  # frozen embeddings cached in the shards
+            emb = select({k: batch[k] for k in ("cond", "context") if k in batch}, self.use_tokens)
+            if image_captions:
+                emb = {k: torch.cat([v, self._embed(image_captions)[k].to(v.dtype)]) for k, v in emb.items()}
+        else:
+            emb = self._embed(captions + image_captions)
+        b = len(captions)
+        video = {k: v[:b] for k, v in emb.items()}
+        if not image_captions:
+            return video, null
+        m = len(image_captions) // b
+        return {k: torch.cat([video[k][:, None].expand(b, frames, *v.shape[1:]),
+                              emb[k][b : b + b * m].reshape(b, m, *v.shape[1:])], dim=1)
+                for k, v in video.items()}, null
 
     def forward(self, latents: Tensor, batch: dict, null: Optional[dict], num_images: int,
                 generator: torch.Generator) -> Tensor:
-        conditioning, null_conditioning = self.conditioning(batch, null)
+        frames = latents.shape[2] - num_images
+        conditioning, null_conditioning = self.conditioning(batch, null, frames)
         m = self.model_cfg
         return diffusion_loss(
             self.denoiser, latents, m.schedule, conditioning, null_conditioning, m.p_uncond, m.weighting,
@@ -118,10 +141,11 @@ def crop_and_append(latents: Tensor, num_frames: int, images: int, generator: to
 
 
 class _Source:
-    """Where training clips come from: latent shards, or videos encoded on the fly by a frozen VAE."""
+    """Where training clips come from: latent shards, or videos encoded on the fly by a frozen VAE; and, for joint
+    training with an image folder, the images appended to each clip (encoded on the fly)."""
 
-    def __init__(self, cfg: DiffusionDataConfig, device: torch.device):
-        self.vae = None
+    def __init__(self, cfg: DiffusionDataConfig, device: torch.device, seed: int):
+        self.vae, self.images, self.cfg = None, None, cfg
         if cfg.latents:
             self.dataset = LatentDataset(cfg.latents)
             manifest = self.dataset.manifest
@@ -131,21 +155,50 @@ class _Source:
         elif cfg.videos:
             if not cfg.autoencoder:
                 raise ValueError("data.autoencoder is required to encode videos on the fly (or give data.latents)")
-            self.dataset = VideoClipDataset(cfg.videos, cfg.clip.spec(), cfg.captions, seed=0)
+            self.dataset = VideoClipDataset(cfg.videos, cfg.clip.spec(), cfg.captions, seed=seed)
             self.autoencoder = cfg.autoencoder
-            self.vae = load_autoencoder(cfg.autoencoder, device=device)
-            factor, c = self.vae.config.downsample_factor, self.vae.config.z_channels
-            self.shape = [c, cfg.clip.num_frames, cfg.clip.size // factor, cfg.clip.size // factor]
+            self._load_vae(device)
+            factor = self.vae.config.downsample_factor
+            self.shape = [self.vae.config.z_channels, cfg.clip.num_frames, cfg.clip.size // factor,
+                          cfg.clip.size // factor]
             self.null = None
         else:
             raise ValueError("give data.latents (from scripts/encode_latents.py) or data.videos")
         self.shape[1] = cfg.num_frames
+        if cfg.images and cfg.images_per_video:
+            self._load_vae(device)
+            factor = self.vae.config.downsample_factor
+            size = (self.shape[2] * factor, self.shape[3] * factor)
+            self.images = ImageDataset(cfg.images, size, crop="random", captions=cfg.image_captions, seed=seed)
+
+    def _load_vae(self, device: torch.device) -> None:
+        if self.vae is None:
+            if not self.autoencoder:
+                raise ValueError("encoding on the fly needs data.autoencoder")
+            self.vae = load_autoencoder(self.autoencoder, device=device)
 
     def latents(self, batch: dict, device: torch.device) -> Tensor:
-        if self.vae is None:
+        """The batch's clips as latents ``[b, c, F, h, w]``."""
+        if "latents" in batch:
             return batch["latents"].to(device)
         with torch.no_grad():
             return encode_video(self.vae, batch["video"].to(device), sample=True)
+
+    def training_clips(self, batch: dict, device: torch.device, generator: torch.Generator) -> Tensor:
+        """Cropped clips with their appended images ``[b, c, f + m, h, w]``; image captions go into the batch."""
+        m = self.cfg.images_per_video
+        latents = crop_and_append(self.latents(batch, device), self.cfg.num_frames, 0 if self.images else m,
+                                  generator)
+        if self.images is None:
+            return latents
+        b = latents.shape[0]
+        picks = torch.randint(0, len(self.images), (b * m,), generator=generator, device=generator.device).tolist()
+        items = [self.images[i] for i in picks]
+        pixels = rearrange(torch.stack([it["image"] for it in items]), "(b m) c h w -> b c m h w", b=b).to(device)
+        with torch.no_grad():
+            image_latents = encode_video(self.vae, pixels, sample=True)
+        batch["image_caption"] = [[it["caption"] for it in items[i * m : (i + 1) * m]] for i in range(b)]
+        return torch.cat([latents, image_latents.to(latents.dtype)], dim=2)
 
 
 def _batches(loader: DataLoader, device: torch.device):
@@ -158,7 +211,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     accelerator = make_accelerator(cfg.run)
     device = accelerator.device
     out = Path(cfg.run.out_dir)
-    source = _Source(cfg.data, device)
+    source = _Source(cfg.data, device, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # initial weights are a function of the seed
     text_encoder = build_text_encoder(cfg.text)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
@@ -240,8 +293,7 @@ def _train_step(cfg, accelerator, objective, optimizer, batches, source: _Source
     total = 0.0
     for _ in range(cfg.run.grad_accum):
         batch = next(batches)
-        latents = crop_and_append(source.latents(batch, accelerator.device), cfg.data.num_frames,
-                                  cfg.data.images_per_video, generator)
+        latents = source.training_clips(batch, accelerator.device, generator)
         with accelerator.autocast():
             loss = objective(latents, batch, null, cfg.data.images_per_video, generator).mean()
         accelerator.backward(loss / cfg.run.grad_accum)

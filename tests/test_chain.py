@@ -108,3 +108,32 @@ def test_autoencoder_training_resumes_exactly(chain, tmp_path):
     train_autoencoder(load_config(AutoencoderTrainConfig, None, autoencoder_overrides(chain["videos"], resumed)),
                       quiet)
     _assert_same_run(straight / "checkpoints" / "step_0000004", resumed / "checkpoints" / "step_0000004")
+
+
+def test_joint_training_with_an_image_folder_uses_each_images_caption(chain, tmp_path, monkeypatch):
+    """Appended images come from an image folder, encoded on the fly, each conditioned on its own caption."""
+    from tests.videos import image_file
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        image_file(folder / f"{i}.png", size=(40, 40), seed=i)
+    lines = [json.dumps({"path": f"{i}.png", "caption": f"image {i}"}) for i in range(3)]
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    seen = []
+    from pipelines import train_diffusion as module
+
+    original = module.DiffusionObjective.conditioning
+
+    def spy(self, batch, null, frames):
+        conditioning, null_conditioning = original(self, batch, null, frames)
+        seen.append((batch["image_caption"], conditioning["cond"].shape))
+        return conditioning, null_conditioning
+
+    monkeypatch.setattr(module.DiffusionObjective, "conditioning", spy)
+    overrides = diffusion_overrides(chain["latents"], tmp_path / "run", steps=2) + [f"data.images=[{folder}]"]
+    train_diffusion(load_config(DiffusionTrainConfig, None, overrides), quiet)
+    captions, shape = seen[0]
+    assert len(captions) == 3 and all(len(row) == 2 for row in captions)
+    assert {c for row in captions for c in row} <= {"image 0", "image 1", "image 2"}
+    assert shape == (3, 6 + 2, 16)  # per frame: 6 video frames share the clip's caption, 2 images their own

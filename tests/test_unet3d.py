@@ -150,3 +150,21 @@ def test_clear_errors_for_bad_inputs_and_configs():
         tiny_unet_config(norm_groups=5)
     with pytest.raises(ValueError, match="attention_levels"):
         tiny_unet_config(attention_levels=[3])
+
+
+@torch.no_grad()
+def test_per_frame_conditioning_lets_appended_images_carry_their_own_captions():
+    net = _net(context_dim=6)
+    randomise_temporal_layers(net)
+    z, logsnr, cond = _inputs(f=5)
+    context = torch.randn(2, 3, 6)
+    shared = net(z, logsnr, cond, context=context)
+    per_frame = net(z, logsnr, cond[:, None].expand(-1, 5, -1), context=context[:, None].expand(-1, 5, -1, -1))
+    torch.testing.assert_close(per_frame, shared, rtol=1e-5, atol=1e-5)
+    # frames 3 and 4 are images with conditioning of their own: each equals that image run alone
+    image_cond, image_context = torch.randn(2, 2, 12), torch.randn(2, 2, 3, 6)
+    cond_f = torch.cat([cond[:, None].expand(-1, 3, -1), image_cond], dim=1)
+    context_f = torch.cat([context[:, None].expand(-1, 3, -1, -1), image_context], dim=1)
+    joint = net(z, logsnr, cond_f, context=context_f, num_images=2)
+    alone = net(z[:, :, 4:5], logsnr, image_cond[:, 1], context=image_context[:, 1])
+    torch.testing.assert_close(joint[:, :, 4:5], alone, rtol=1e-5, atol=1e-5)
