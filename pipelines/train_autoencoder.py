@@ -121,7 +121,7 @@ def _frames(loader: DataLoader, device) -> Iterator[torch.Tensor]:
         yield batch["image"].to(device, non_blocking=True)
 
 
-def _fixed_frames(dataset: FrameDataset, count: int) -> torch.Tensor:
+def fixed_frames(dataset: FrameDataset, count: int) -> torch.Tensor:
     """The first ``count`` items of a dataset (epoch 0), stacked: ``[n, 3, H, W]``."""
     dataset.set_epoch(0)
     return torch.stack([dataset[i]["image"] for i in range(min(count, len(dataset)))])
@@ -142,10 +142,10 @@ def evaluate(vae: AutoencoderKL, frames: torch.Tensor, batch_size: int = 32, lpi
     return {k: float(torch.cat(v).mean()) for k, v in scores.items() if v} | {"frames": int(frames.shape[0])}
 
 
-def _eval_lpips(cfg: AutoencoderTrainConfig):
+def eval_lpips(net: str = "alex"):
     """LPIPS for evaluation, only when its pretrained weights are present (else the metric is left out)."""
     try:
-        return build_lpips("pretrained", cfg.loss.lpips_net)
+        return build_lpips("pretrained", net)
     except FileNotFoundError:
         return None
 
@@ -174,7 +174,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
                "loss_logvar": torch.nn.ParameterDict({"logvar": loss_fn.logvar})}  # shares the parameter
     state = TrainingState(modules, {"generator": opt_g, "discriminator": opt_d}, {"model": ema} if ema else {})
     state.maybe_resume(out / "checkpoints", cfg.run.resume, log)
-    scale_frames = _fixed_frames(train_set, cfg.scale_frames)
+    scale_frames = fixed_frames(train_set, cfg.scale_frames)
 
     stream = IndexStream(len(train_set), cfg.run.batch_size, cfg.run.seed, accelerator.process_index,
                          accelerator.num_processes)
@@ -271,8 +271,8 @@ def _finish(cfg, accelerator, vae, ema, datasets, scale_frames, losses, state, o
         final.eval()
         final.config = _with_scale(final, scale_frames)
         save_autoencoder(final, out / "model")
-        held_out = _fixed_frames(eval_set, cfg.eval_frames)
-        summary = evaluate(final, held_out, lpips_model=_eval_lpips(cfg))
+        held_out = fixed_frames(eval_set, cfg.eval_frames)
+        summary = evaluate(final, held_out, lpips_model=eval_lpips(cfg.loss.lpips_net))
         summary |= {"steps": state.step, "seconds": round(state.seconds, 2), "latent_scale": final.config.latent_scale}
         atomic_write_json(out / "eval.json", summary)
         with torch.no_grad():

@@ -137,3 +137,16 @@ def test_joint_training_with_an_image_folder_uses_each_images_caption(chain, tmp
     assert len(captions) == 3 and all(len(row) == 2 for row in captions)
     assert {c for row in captions for c in row} <= {"image 0", "image 1", "image 2"}
     assert shape == (3, 6 + 2, 16)  # per frame: 6 video frames share the clip's caption, 2 images their own
+
+
+def test_evaluating_an_autoencoder_on_held_out_frames(chain, tmp_path):
+    from pipelines.evaluate_autoencoder import EvaluateConfig, evaluate_autoencoder
+
+    out = tmp_path / "scores.json"
+    cfg = load_config(EvaluateConfig, None, [f"autoencoder={chain['autoencoder'] / 'model'}",
+                                             f"roots=[{chain['videos']}]", "size=32", "frames=8", f"out={out}",
+                                             "eval_fraction=0.2"])
+    scores = evaluate_autoencoder(cfg, quiet)
+    trained = json.loads((chain["autoencoder"] / "eval.json").read_text())
+    assert json.loads(out.read_text())["frames"] == 8
+    assert scores["psnr"] == pytest.approx(trained["psnr"], abs=1e-4)  # the same held-out frames as training used

@@ -9,7 +9,7 @@ import pytest
 from pipelines.video_io import read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_autoencoder", "encode_latents", "train_diffusion", "generate", "demo"]
+SCRIPTS = ["train_autoencoder", "evaluate_autoencoder", "encode_latents", "train_diffusion", "generate", "demo"]
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
