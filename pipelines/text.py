@@ -62,7 +62,9 @@ class SmallTextEncoder(nn.Module):
                                            batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.ln_final = nn.LayerNorm(width)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        # Unit-variance token embeddings: every caption starts with a distinct (bag-of-words-like) embedding, so
+        # the U-Net can use all of its words from the first steps instead of waiting for the encoder to separate them.
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
 
     @property
     def dims(self) -> tuple[int, int]:

@@ -248,18 +248,19 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     info = {"latent_shape": source.shape, "autoencoder": source.autoencoder}
     timer = Timer(state)
     bar = tqdm(total=cfg.run.steps, initial=state.step, desc="diffusion", disable=not accelerator.is_main_process)
-    last_loss = float("nan")
+    recent: list[float] = []  # losses since the last log line (each step draws its own noise levels)
     while state.step < cfg.run.steps:
         generator = seed_step(cfg.run.seed, accelerator.process_index, state.step, device)
         lr = set_lr(optimizer, state.step, cfg.run.steps, cfg.optim)
-        last_loss = _train_step(cfg, accelerator, objective, optimizer, batches, source, null, generator)
+        recent.append(_train_step(cfg, accelerator, objective, optimizer, batches, source, null, generator))
         for name, ema in emas.items():
             ema.update(modules[name])
         state.step += 1
         bar.update(1)
         if losses is not None and (state.step % cfg.run.log_every == 0 or state.step == cfg.run.steps):
-            losses.append(state.step, loss=last_loss, lr=lr)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
+            losses.append(state.step, loss=sum(recent) / len(recent), lr=lr)
+            bar.set_postfix(loss=f"{losses.last('loss'):.4f}")
+            recent.clear()
         periodic = cfg.run.sample_every and state.step % cfg.run.sample_every == 0
         if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.run.steps or periodic:
             timer.pause()
@@ -271,7 +272,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     bar.close()
     timer.pause()
     summary = {"steps": state.step, "seconds": round(state.seconds, 2),
-               "final_loss": _smoothed_loss(losses) if losses is not None else last_loss}
+               "final_loss": _smoothed_loss(losses) if losses is not None else float("nan")}
     if accelerator.is_main_process:
         if losses is not None:
             losses.plot(out / "loss.png", ["loss"], "diffusion")
@@ -283,7 +284,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
 
 
 def _smoothed_loss(losses: LossLog, window: int = 10) -> float:
-    """Mean of the last ``window`` logged losses (single steps are noisy: each draws its own noise levels)."""
+    """Mean of the last ``window`` logged losses."""
     values = [r["loss"] for r in losses.rows if "loss" in r][-window:]
     return float(sum(values) / len(values)) if values else float("nan")
 

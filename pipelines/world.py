@@ -52,6 +52,7 @@ class WorldSpec:
     max_speed: float = 2.0
     fps: float = 8.0
     min_run_frames: int = MIN_RUN_FRAMES  # frames of travel before the first bounce (as far as the frame allows)
+    centre_start_fraction: float = 0.0  # this fraction of clips starts at the centre of the frame
 
 
 @dataclass
@@ -92,12 +93,15 @@ def sample_world_params(
 ) -> WorldParams:
     """Random clip parameters; ``combo = (colour, shape, direction)`` fixes what moves and which way.
 
-    The start is uniform over the positions that keep the shape inside the frame and leave it at least
-    ``spec.min_run_frames`` frames of travel before the wall ahead (or the whole width, when that is shorter).
+    The start is the centre of the frame for a ``spec.centre_start_fraction`` of clips; otherwise uniform over the
+    positions that keep the shape inside the frame and leave it at least ``spec.min_run_frames`` frames of travel
+    before the wall ahead (or the whole width, when that is shorter).
     """
     spec = spec or WorldSpec()
     colour, shape, direction = combo or COMBOS[int(rng.integers(len(COMBOS)))]
     speed = float(rng.uniform(spec.min_speed, spec.max_speed))
+    if spec.centre_start_fraction > 0 and rng.uniform() < spec.centre_start_fraction:
+        return WorldParams(shape, colour, direction, spec.size / 2, spec.size / 2, speed)
     lo, hi = _half_extent(spec), spec.size - _half_extent(spec)
     run = min(spec.min_run_frames * speed, hi - lo)
     position = [float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))]

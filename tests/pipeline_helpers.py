@@ -28,7 +28,8 @@ def autoencoder_overrides(videos: Path, out: Path, steps: int = 4) -> list[str]:
         f"data.roots=[{videos}]", "data.size=32", "data.frames_per_video=2", "data.eval_fraction=0.2",
         "model.base_channels=8", "model.channel_mult=[1,2,2]", "model.num_res_blocks=1", "model.norm_groups=4",
         "loss.perceptual=none", "loss.disc_start=2", f"run.steps={steps}", "run.batch_size=4",
-        "run.checkpoint_every=2", f"run.out_dir={out}", "eval_frames=8", "scale_frames=8", "optim.lr=1e-3",
+        "run.checkpoint_every=2", "run.log_every=1", f"run.out_dir={out}", "eval_frames=8", "scale_frames=8",
+        "optim.lr=1e-3",
     ]
 
 
@@ -42,7 +43,8 @@ def diffusion_overrides(latents: Path, out: Path, steps: int = 4) -> list[str]:
     """A tiny text-conditioned U-Net trained on 6-frame windows plus 2 appended images."""
     return [
         f"data.latents={latents}", f"run.out_dir={out}", f"run.steps={steps}", "run.batch_size=3",
-        "run.checkpoint_every=2", "run.ema_decay=0.9", "model.unet.base_channels=8", "model.unet.channel_mult=[1,2]",
+        "run.checkpoint_every=2", "run.log_every=1", "run.ema_decay=0.9", "model.unet.base_channels=8",
+        "model.unet.channel_mult=[1,2]",
         "model.unet.attention_levels=[1]", "model.unet.head_dim=8", "model.unet.norm_groups=4",
         "model.unet.num_res_blocks=1", "text.width=16", "text.layers=1", "text.heads=2", "text.vocab_size=512",
         "data.num_frames=6", "data.images_per_video=2", "optim.warmup_steps=1", "sampling.steps=2",
