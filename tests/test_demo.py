@@ -24,3 +24,5 @@ def test_quick_demo_runs_the_chain_and_reports(tmp_path):
         assert (tmp_path / sample["file"]).is_file()
     assert saved["generation"]["num_frames"] == cfg.generate.num_frames
     assert (tmp_path / "report.md").read_text().count("![") >= 4
+    assert set(saved["targets"]) == {"autoencoder_psnr_db", "color_accuracy", "direction_accuracy",
+                                     "boundary_jump_ratio", "total_seconds"}
