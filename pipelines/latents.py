@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from autoencoder import encode_video, load_autoencoder
 from pipelines.checkpoint import atomic_write_json, save_tensors
-from pipelines.config import config_to_dict
+from pipelines.config import config_to_dict, save_resolved_config
 from pipelines.data import VIDEO_EXTENSIONS, ClipSpec, clip_indices, find_captions, resize_crop, scan_media
 from pipelines.text import TextConfig, build_text_encoder, is_trainable
 from pipelines.video_io import MediaReadError, read_frames, video_info
@@ -149,6 +149,7 @@ def encode_latents(cfg: EncodeConfig, log=print) -> dict:
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(cfg, out, "encode.yaml")
     vae = load_autoencoder(cfg.autoencoder, device=device)
     text_encoder = build_text_encoder(cfg.text)
     if is_trainable(text_encoder):
