@@ -50,6 +50,8 @@ class UNet3DConfig:
     scale_shift_norm: bool = True  # FiLM the second norm of each block (False: add the embedding, as written)
     temporal_attention: bool = True
     max_relative_distance: int = 32  # relative positions beyond ±k frames share an embedding (Shaw et al.)
+    frame_positions: int = 0  # > 0: also a learned absolute embedding of the frame index (0 = relative only)
+    coordinates: bool = False  # also feed the network each pixel's (x, y) in [-1, 1] (CoordConv input channels)
     attention_backend: str = "auto"
     gradient_checkpointing: bool = False
     channels_last: bool = False  # NHWC activations (often faster convolutions on GPUs)
@@ -114,9 +116,12 @@ class ConditionEmbedding(nn.Module):
         self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim > 0 else None
         self.mlp = nn.Sequential(*[m for _ in range(layers - 1) for m in (nn.SiLU(), nn.Linear(emb_dim, emb_dim))])
 
-    def forward(self, logsnr: Tensor, cond: Optional[Tensor]) -> Tensor:
-        """``[b]``, ``[b, cond_dim]`` → ``[b, emb_dim]``."""
+    def forward(self, logsnr: Tensor, cond: Optional[Tensor], extra: Optional[Tensor] = None) -> Tensor:
+        """``[b]``, ``[b, cond_dim]`` (and an ``extra`` input ``[b, emb_dim]`` added before the MLP) →
+        ``[b, emb_dim]``."""
         h = self.noise_proj(noise_level_features(logsnr, self.base))
+        if extra is not None:
+            h = h + extra.to(h.dtype)
         if self.cond_proj is not None:
             if cond is None:
                 raise ValueError("this U-Net is conditional (cond_dim > 0): pass cond [b, cond_dim]")
@@ -251,6 +256,16 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def pixel_coordinates(x: Tensor) -> Tensor:
+    """``[n, 2, h, w]``: every pixel's centre as ``(x, y)`` in ``[-1, 1]`` (resolution independent), so the
+    network can place content absolutely, which a padded convolution stack can only infer from the borders."""
+    n, _, h, w = x.shape
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w * 2 - 1
+    grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
+    return grid[None].expand(n, 2, h, w)
+
+
 def _per_frame(context: Tensor, f: int) -> Tensor:
     """Token embeddings for every frame: ``[b, n, d]`` (shared) or ``[b, f, n, d]`` → ``[(b f), n, d]``."""
     if context.ndim == 4:
@@ -282,7 +297,9 @@ class UNet3D(nn.Module):
         self.config = cfg = config
         emb_dim = cfg.emb_dim or 4 * cfg.base_channels
         self.embed = ConditionEmbedding(cfg.base_channels, emb_dim, cfg.cond_dim, cfg.emb_mlp_layers)
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, 3, padding=1)
+        self.frame_positions = (nn.Parameter(torch.randn(cfg.frame_positions, emb_dim) * 0.5)
+                                if cfg.frame_positions else None)
+        self.conv_in = nn.Conv2d(cfg.in_channels + 2 * cfg.coordinates, cfg.base_channels, 3, padding=1)
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
         self.down, skips = nn.ModuleList(), [cfg.base_channels]
         ch = cfg.base_channels
@@ -340,12 +357,28 @@ class UNet3D(nn.Module):
                 x = block(x, state)
         return x
 
-    def _frame_embedding(self, logsnr: Tensor, cond: Optional[Tensor], f: int) -> Tensor:
+    def _frame_embedding(self, logsnr: Tensor, cond: Optional[Tensor], f: int, num_images: int,
+                         video_start: bool | Tensor) -> Tensor:
         """``[(b f), emb_dim]``: one embedding per sample, or per frame when ``cond`` is ``[b, f, cond_dim]``
-        (appended images carry their own captions)."""
-        if cond is not None and cond.ndim == 3:
-            return self.embed(repeat(logsnr, "b -> (b f)", f=f), rearrange(cond, "b f d -> (b f) d"))
-        return repeat(self.embed(logsnr, cond), "b d -> (b f) d", f=f)
+        (appended images carry their own captions) or the network embeds frame indices (``frame_positions``: a
+        learned vector per index enters the MLP with λ and c, so "when in the video" can interact with the
+        caption). Positions are given only to samples whose first frame starts their video (``video_start``,
+        a bool or ``[b]``); the others, and appended images, get none."""
+        b = logsnr.shape[0]
+        if self.frame_positions is None and (cond is None or cond.ndim == 2):
+            return repeat(self.embed(logsnr, cond), "b d -> (b f) d", f=f)
+        if cond is not None:
+            cond = rearrange(cond, "b f d -> (b f) d") if cond.ndim == 3 else repeat(cond, "b d -> (b f) d", f=f)
+        extra = None
+        if self.frame_positions is not None:
+            if f - num_images > len(self.frame_positions):
+                raise ValueError(f"{f - num_images} frames, but the network embeds at most "
+                                 f"frame_positions={len(self.frame_positions)}")
+            rows = torch.cat([self.frame_positions[: f - num_images],
+                              self.frame_positions.new_zeros(num_images, self.frame_positions.shape[1])])
+            start = torch.as_tensor(video_start, device=rows.device).to(rows.dtype).expand(b)
+            extra = rearrange(start[:, None, None] * rows, "b f d -> (b f) d")
+        return self.embed(repeat(logsnr, "b -> (b f)", f=f), cond, extra)
 
     def forward(
         self,
@@ -354,20 +387,25 @@ class UNet3D(nn.Module):
         cond: Optional[Tensor] = None,
         context: Optional[Tensor] = None,
         num_images: int = 0,
+        video_start: bool | Tensor = True,
     ) -> Tensor:
         """``z [b, c, f, h, w]``, ``logsnr [b]``, ``cond [b, cond_dim]``, ``context [b, n, context_dim]`` (or per
         frame: ``[b, f, cond_dim]``, ``[b, f, n, context_dim]``); the last ``num_images`` frames of every sample
-        are independent images (joint training). Returns ``[b, out_channels, f, h, w]``."""
+        are independent images (joint training); ``video_start`` (bool or ``[b]``) says whether the first frame is
+        the first of its video, which only a network with ``frame_positions`` reads. Returns
+        ``[b, out_channels, f, h, w]``."""
         b, _, f, h, w = z.shape
         if h % self.config.downsample_factor or w % self.config.downsample_factor:
             raise ValueError(f"spatial size {h}×{w} must be divisible by {self.config.downsample_factor}")
         state = FrameState(
-            emb=self._frame_embedding(logsnr.expand(b), cond, f),
+            emb=self._frame_embedding(logsnr.expand(b), cond, f, num_images, video_start),
             num_frames=f,
             context=None if context is None else _per_frame(context, f),
             temporal_mask=temporal_image_mask(f, num_images, z.device),
         )
         x = rearrange(z, "b c f h w -> (b f) c h w")  # frames fold into the batch
+        if self.config.coordinates:
+            x = torch.cat([x, pixel_coordinates(x)], dim=1)
         if self.config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv_in(x)

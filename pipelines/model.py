@@ -29,6 +29,7 @@ class DiffusionModelConfig:
     min_snr_gamma: float = 5.0
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     p_uncond: float = 0.1  # classifier-free guidance: probability of training with the null conditioning
+    p_unknown_start: float = 0.5  # with unet.frame_positions: probability of hiding that a clip starts its video
 
 
 @dataclass

@@ -115,29 +115,41 @@ class DiffusionObjective(nn.Module):
                               emb[k][b : b + b * m].reshape(b, m, *v.shape[1:])], dim=1)
                 for k, v in video.items()}, null
 
+    def video_start(self, batch: dict, b: int, generator: torch.Generator) -> Tensor:
+        """Which clips the U-Net is told start their video (frame-position embeddings, when it has them): those
+        cropped from frame 0, each kept with probability ``1 − p_unknown_start``, so one network also learns
+        the position-free mode that extension chunks are sampled in."""
+        starts = batch.get("clip_start", torch.zeros(b, dtype=torch.long)).to(generator.device)
+        keep = torch.rand(b, generator=generator, device=generator.device) >= self.model_cfg.p_unknown_start
+        return (starts == 0) & keep
+
     def forward(self, latents: Tensor, batch: dict, null: Optional[dict], num_images: int,
                 generator: torch.Generator) -> Tensor:
         frames = latents.shape[2] - num_images
         conditioning, null_conditioning = self.conditioning(batch, null, frames)
         m = self.model_cfg
+        extra = {}
+        if m.unet.frame_positions:
+            extra["video_start"] = self.video_start(batch, latents.shape[0], generator).to(latents.device)
         return diffusion_loss(
             self.denoiser, latents, m.schedule, conditioning, null_conditioning, m.p_uncond, m.weighting,
-            m.min_snr_gamma, generator, num_images=num_images,
+            m.min_snr_gamma, generator, num_images=num_images, **extra,
         )
 
 
-def crop_and_append(latents: Tensor, num_frames: int, images: int, generator: torch.Generator) -> Tensor:
+def crop_and_append(latents: Tensor, num_frames: int, images: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """A random window of ``num_frames`` frames of each clip ``[b, c, F, h, w]``, then ``images`` random frames of
-    the same clip appended as independent images (paper §3, joint training): ``[b, c, num_frames + images, h, w]``."""
+    the same clip appended as independent images (paper §3, joint training): ``[b, c, num_frames + images, h, w]``,
+    and each window's first frame ``[b]``."""
     b, _, f = latents.shape[:3]
     if f < num_frames:
         raise ValueError(f"the data has {f}-frame clips, fewer than data.num_frames={num_frames}")
-    start = torch.randint(0, f - num_frames + 1, (b,), generator=generator).tolist()
-    clips = [latents[i, :, s : s + num_frames] for i, s in enumerate(start)]
+    first = torch.randint(0, f - num_frames + 1, (b,), generator=generator)
+    clips = [latents[i, :, s : s + num_frames] for i, s in enumerate(first.tolist())]
     if images:
         picks = torch.randint(0, f, (b, images), generator=generator)
         clips = [torch.cat([clip, latents[i, :, picks[i]]], dim=1) for i, clip in enumerate(clips)]
-    return torch.stack(clips)
+    return torch.stack(clips), first
 
 
 class _Source:
@@ -185,10 +197,11 @@ class _Source:
             return encode_video(self.vae, batch["video"].to(device), sample=True)
 
     def training_clips(self, batch: dict, device: torch.device, generator: torch.Generator) -> Tensor:
-        """Cropped clips with their appended images ``[b, c, f + m, h, w]``; image captions go into the batch."""
+        """Cropped clips with their appended images ``[b, c, f + m, h, w]``; the windows' first frames
+        (``clip_start``) and image captions go into the batch."""
         m = self.cfg.images_per_video
-        latents = crop_and_append(self.latents(batch, device), self.cfg.num_frames, 0 if self.images else m,
-                                  generator)
+        latents, batch["clip_start"] = crop_and_append(self.latents(batch, device), self.cfg.num_frames,
+                                                       0 if self.images else m, generator)
         if self.images is None:
             return latents
         b = latents.shape[0]

@@ -150,3 +150,21 @@ def test_evaluating_an_autoencoder_on_held_out_frames(chain, tmp_path):
     trained = json.loads((chain["autoencoder"] / "eval.json").read_text())
     assert json.loads(out.read_text())["frames"] == trained["frames"]
     assert scores["psnr"] == pytest.approx(trained["psnr"], abs=1e-4)  # the same held-out frames as training used
+
+
+def test_only_clips_cropped_from_a_videos_first_frame_are_told_they_start_it():
+    """Frame positions mean "frame k of the video": a window cropped later never gets them, and a share
+    ``p_unknown_start`` of the others trains the position-free mode that extension chunks are sampled in."""
+    from pipelines.model import DiffusionModelConfig
+    from pipelines.text import TextConfig
+    from pipelines.train_diffusion import DiffusionObjective, crop_and_append
+    from tests.models import tiny_denoiser
+
+    generator = torch.Generator().manual_seed(0)
+    clips, first = crop_and_append(torch.randn(400, 4, 6, 8, 8), 4, 0, generator)
+    assert clips.shape == (400, 4, 4, 8, 8) and set(first.tolist()) == {0, 1, 2}
+    for p, expected in [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]:
+        objective = DiffusionObjective(tiny_denoiser(), None, DiffusionModelConfig(p_unknown_start=p), TextConfig())
+        start = objective.video_start({"clip_start": first}, 400, generator)
+        assert not start[first > 0].any()
+        assert abs(start[first == 0].float().mean().item() - expected) < 0.12

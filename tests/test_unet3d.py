@@ -168,3 +168,67 @@ def test_per_frame_conditioning_lets_appended_images_carry_their_own_captions():
     joint = net(z, logsnr, cond_f, context=context_f, num_images=2)
     alone = net(z[:, :, 4:5], logsnr, image_cond[:, 1], context=image_context[:, 1])
     torch.testing.assert_close(joint[:, :, 4:5], alone, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_frame_positions_break_the_symmetry_between_identical_frames():
+    """Relative positions alone cannot tell identical frames apart; absolute frame embeddings can."""
+    z, logsnr, cond = _inputs(f=4)
+    same = z[:, :, :1].expand(-1, -1, 4, -1, -1).contiguous()
+    relative = _net()
+    randomise_temporal_layers(relative)
+    out = relative(same, logsnr, cond)
+    torch.testing.assert_close(out, out[:, :, :1].expand_as(out), rtol=1e-5, atol=1e-5)
+    absolute = _net(frame_positions=8)
+    randomise_temporal_layers(absolute)
+    out = absolute(same, logsnr, cond)
+    assert not torch.allclose(out[:, :, 0], out[:, :, 1], atol=1e-4)
+    with pytest.raises(ValueError, match="frame_positions=8"):
+        absolute(_inputs(f=9)[0], logsnr, cond)
+
+
+@torch.no_grad()
+def test_appended_images_take_no_frame_position():
+    """With frame embeddings, an image appended for joint training still equals that image run alone."""
+    net = _net(frame_positions=4)
+    randomise_temporal_layers(net)
+    z, logsnr, cond = _inputs(f=6)
+    joint = net(z, logsnr, cond, num_images=2)
+    alone = net(z[:, :, 5:6], logsnr, cond, num_images=1)
+    torch.testing.assert_close(joint[:, :, 5:6], alone, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_coordinate_channels_reach_the_network():
+    """Coordinate channels enter the first convolution: with their weights zeroed the network is the plain one."""
+    from diffusion.unet3d import pixel_coordinates
+
+    grid = pixel_coordinates(torch.zeros(1, 4, 4, 8))
+    assert grid.shape == (1, 2, 4, 8)
+    torch.testing.assert_close(grid[0, 0, 0], (torch.arange(8) + 0.5) / 4 - 1)
+    torch.testing.assert_close(grid[0, 1, :, 0], (torch.arange(4) + 0.5) / 2 - 1)
+    z, logsnr, cond = _inputs()
+    with_xy = _net(coordinates=True)
+    randomise_temporal_layers(with_xy)
+    plain = _net()
+    state = with_xy.state_dict()
+    plain.load_state_dict({**state, "conv_in.weight": state["conv_in.weight"][:, :4]})
+    assert not torch.allclose(with_xy(z, logsnr, cond), plain(z, logsnr, cond), atol=1e-4)
+    with_xy.conv_in.weight[:, 4:] = 0
+    torch.testing.assert_close(with_xy(z, logsnr, cond), plain(z, logsnr, cond), rtol=1e-5, atol=1e-5)
+    assert with_xy(torch.zeros(1, 4, 2, 12, 12), logsnr[:1], cond[:1]).shape == (1, 4, 2, 12, 12)  # any size
+
+
+@torch.no_grad()
+def test_video_start_switches_the_frame_positions_per_sample():
+    """``video_start=False`` (an extension chunk) is the network without frame positions; a ``[b]`` mask mixes."""
+    net = _net(frame_positions=8)
+    randomise_temporal_layers(net)
+    z, logsnr, cond = _inputs(f=4)
+    with_positions, without = net(z, logsnr, cond), net(z, logsnr, cond, video_start=False)
+    assert not torch.allclose(with_positions, without, atol=1e-4)
+    mixed = net(z, logsnr, cond, video_start=torch.tensor([True, False]))
+    torch.testing.assert_close(mixed[:1], with_positions[:1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1:], without[1:], rtol=1e-5, atol=1e-5)
+    net.frame_positions.zero_()
+    torch.testing.assert_close(net(z, logsnr, cond), without, rtol=1e-5, atol=1e-5)
