@@ -84,8 +84,7 @@ def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, gene
     if not 0 < plan.context < plan.chunk:
         raise ValueError(f"context_frames must be between 1 and chunk_frames − 1, got {plan.context}")
     c, _, h, w = bundle.latent_shape
-    base = bundle.denoise_fn(prompts, plan.sampling.guidance)
-    later = bundle.denoise_fn(prompts, plan.sampling.guidance, video_start=False)  # chunks that continue a video
+    base, later = bundle.chunk_denoisers(prompts, plan.sampling.guidance)
     shape = (len(prompts), c, plan.chunk, h, w)
     first = sample(bundle, base, shape, plan.sampling, generator)  # chunk 1: from noise
     pieces, tail, produced, boundaries = [first.cpu()], first[:, :, -plan.context :], plan.chunk, []
@@ -115,10 +114,11 @@ def hierarchical(keyframe_bundle: DiffusionBundle, bundle: DiffusionBundle, prom
     video = torch.zeros(b, c, length, h, w)
     known = torch.zeros(length, dtype=torch.bool)
     video[:, :, ::skip], known[::skip] = keys, True
+    first, later = bundle.chunk_denoisers(prompts, plan.sampling.guidance)
     step = max((plan.chunk - 1) // skip, 1) * skip  # windows share their boundary keyframe
     starts = list(range(0, length - 1, step))
     for start in starts:
-        base = bundle.denoise_fn(prompts, plan.sampling.guidance, video_start=start == 0)
+        base = first if start == 0 else later
         window = torch.arange(start, min(start + plan.chunk, length))
         index = [i for i, f in enumerate(window.tolist()) if known[f]]
         x_known = video[:, :, window[index]].to(generator.device)

@@ -29,7 +29,7 @@ class DiffusionModelConfig:
     min_snr_gamma: float = 5.0
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     p_uncond: float = 0.1  # classifier-free guidance: probability of training with the null conditioning
-    p_unknown_start: float = 0.5  # with unet.frame_positions: probability of hiding that a clip starts its video
+    p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video
 
 
 @dataclass
@@ -82,7 +82,19 @@ class DiffusionBundle:
 
     def denoise_fn(self, prompts: list[str], guidance: float, **net_kwargs):
         """``denoise(z, logsnr) -> x̂`` for a batch of prompts, with classifier-free guidance ``w``."""
+        return self._bind(self.embed(prompts), guidance, **net_kwargs)
+
+    def chunk_denoisers(self, prompts: list[str], guidance: float):
+        """``(first, later)``: the denoiser for the chunk that starts each video and the one for chunks that
+        continue it (told ``video_start=False``, so a network with frame positions leaves them out). The prompts
+        are embedded once; without frame positions both are the same callable."""
         conditioning = self.embed(prompts)
+        first = self._bind(conditioning, guidance)
+        if getattr(self.denoiser.net, "frame_positions", None) is None:
+            return first, first
+        return first, self._bind(conditioning, guidance, video_start=False)
+
+    def _bind(self, conditioning: dict[str, Tensor], guidance: float, **net_kwargs):
         if not conditioning:
             return lambda z, logsnr: self.denoiser(z, logsnr, **net_kwargs)
         return classifier_free_guidance(self.denoiser, conditioning, self.null(), guidance, **net_kwargs)

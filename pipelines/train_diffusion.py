@@ -115,12 +115,12 @@ class DiffusionObjective(nn.Module):
                               emb[k][b : b + b * m].reshape(b, m, *v.shape[1:])], dim=1)
                 for k, v in video.items()}, null
 
-    def video_start(self, batch: dict, b: int, generator: torch.Generator) -> Tensor:
+    def video_start(self, batch: dict, generator: torch.Generator) -> Tensor:
         """Which clips the U-Net is told start their video (frame-position embeddings, when it has them): those
         cropped from frame 0, each kept with probability ``1 − p_unknown_start``, so one network also learns
         the position-free mode that extension chunks are sampled in."""
-        starts = batch.get("clip_start", torch.zeros(b, dtype=torch.long)).to(generator.device)
-        keep = torch.rand(b, generator=generator, device=generator.device) >= self.model_cfg.p_unknown_start
+        starts = batch["clip_start"].to(generator.device)
+        keep = torch.rand(len(starts), generator=generator, device=generator.device) >= self.model_cfg.p_unknown_start
         return (starts == 0) & keep
 
     def forward(self, latents: Tensor, batch: dict, null: Optional[dict], num_images: int,
@@ -130,7 +130,7 @@ class DiffusionObjective(nn.Module):
         m = self.model_cfg
         extra = {}
         if m.unet.frame_positions:
-            extra["video_start"] = self.video_start(batch, latents.shape[0], generator).to(latents.device)
+            extra["video_start"] = self.video_start(batch, generator).to(latents.device)
         return diffusion_loss(
             self.denoiser, latents, m.schedule, conditioning, null_conditioning, m.p_uncond, m.weighting,
             m.min_snr_gamma, generator, num_images=num_images, **extra,
@@ -165,8 +165,6 @@ class _Source:
             self.shape = list(manifest["latent_shape"])
             self.null = self.dataset.null_text()
         elif cfg.videos:
-            if not cfg.autoencoder:
-                raise ValueError("data.autoencoder is required to encode videos on the fly (or give data.latents)")
             self.dataset = VideoClipDataset(cfg.videos, cfg.clip.spec(), cfg.captions, seed=seed)
             self.autoencoder = cfg.autoencoder
             self._load_vae(device)
@@ -186,7 +184,8 @@ class _Source:
     def _load_vae(self, device: torch.device) -> None:
         if self.vae is None:
             if not self.autoencoder:
-                raise ValueError("encoding on the fly needs data.autoencoder")
+                raise ValueError("data.autoencoder is required to encode videos or images on the fly "
+                                 "(or give data.latents)")
             self.vae = load_autoencoder(self.autoencoder, device=device)
 
     def latents(self, batch: dict, device: torch.device) -> Tensor:
@@ -270,9 +269,10 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
             ema.update(modules[name])
         state.step += 1
         bar.update(1)
-        if losses is not None and (state.step % cfg.run.log_every == 0 or state.step == cfg.run.steps):
-            losses.append(state.step, loss=sum(recent) / len(recent), lr=lr)
-            bar.set_postfix(loss=f"{losses.last('loss'):.4f}")
+        if state.step % cfg.run.log_every == 0 or state.step == cfg.run.steps:
+            if losses is not None:  # the main process logs; every process keeps only the current window
+                losses.append(state.step, loss=sum(recent) / len(recent), lr=lr)
+                bar.set_postfix(loss=f"{losses.last('loss'):.4f}")
             recent.clear()
         periodic = cfg.run.sample_every and state.step % cfg.run.sample_every == 0
         if state.step % cfg.run.checkpoint_every == 0 or state.step == cfg.run.steps or periodic:

@@ -165,6 +165,6 @@ def test_only_clips_cropped_from_a_videos_first_frame_are_told_they_start_it():
     assert clips.shape == (400, 4, 4, 8, 8) and set(first.tolist()) == {0, 1, 2}
     for p, expected in [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]:
         objective = DiffusionObjective(tiny_denoiser(), None, DiffusionModelConfig(p_unknown_start=p), TextConfig())
-        start = objective.video_start({"clip_start": first}, 400, generator)
+        start = objective.video_start({"clip_start": first}, generator)
         assert not start[first > 0].any()
         assert abs(start[first == 0].float().mean().item() - expected) < 0.12

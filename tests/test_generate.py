@@ -1,11 +1,12 @@
 """Long-video generation: autoregressive extension and the hierarchical mode, on a random tiny model."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from diffusion import NoiseSchedule
+from diffusion import NoiseSchedule, classifier_free_guidance
 from pipelines.config import load_config
 from pipelines.generate import GenerateConfig, Plan, _chunk_count, autoregressive, generate, hierarchical
 from pipelines.model import DiffusionBundle, DiffusionModelConfig, SamplingConfig
@@ -50,6 +51,21 @@ def test_methods_share_the_first_chunk_and_differ_after(bundle):
     assert not torch.allclose(out["reconstruction"][:, :, 6:], out["replacement"][:, :, 6:])
     again, _ = autoregressive(bundle, PROMPTS, _plan(10), torch.Generator().manual_seed(3))
     torch.testing.assert_close(again, out["reconstruction"])  # deterministic given the seed
+
+
+@torch.no_grad()
+def test_extension_chunks_are_sampled_without_frame_positions(bundle):
+    """Only the chunk that starts a video gets frame positions; the chunks that continue it are told
+    ``video_start=False``, and a network without positions uses one callable for both."""
+    first, later = bundle.chunk_denoisers(PROMPTS, 1.5)
+    assert first is later
+    positioned = dataclasses.replace(bundle, denoiser=tiny_denoiser("v", frame_positions=6))
+    first, later = positioned.chunk_denoisers(PROMPTS, 1.5)
+    z, logsnr = torch.randn(2, 4, 6, 8, 8), torch.tensor([-1.0, 1.0])
+    reference = classifier_free_guidance(positioned.denoiser, positioned.embed(PROMPTS), positioned.null(), 1.5,
+                                         video_start=False)
+    torch.testing.assert_close(later(z, logsnr), reference(z, logsnr))
+    assert not torch.allclose(first(z, logsnr), later(z, logsnr), atol=1e-4)
 
 
 def test_context_must_be_shorter_than_the_chunk(bundle):
