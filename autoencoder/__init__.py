@@ -1,24 +1,29 @@
-"""The first-stage KL autoencoder (LDM / SD layout), applied frame by frame to videos ``[b, c, f, h, w]``."""
+"""The first-stage KL autoencoder (LDM / SD layout), applied frame by frame to videos ``[b, c, f, h, w]``.
 
-from autoencoder.loading import load_autoencoder, save_autoencoder
-from autoencoder.losses import AutoencoderLoss, PatchDiscriminator, build_lpips
-from autoencoder.metrics import psnr, ssim
-from autoencoder.model import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
-from autoencoder.video import decode_video, encode_video, estimate_latent_scale, with_estimated_latent_scale
+Names are imported lazily (PEP 562), so ``import autoencoder.config`` stays free of torch and LPIPS.
+"""
 
-__all__ = [
-    "AutoencoderConfig",
-    "AutoencoderKL",
-    "AutoencoderLoss",
-    "DiagonalGaussian",
-    "PatchDiscriminator",
-    "build_lpips",
-    "decode_video",
-    "encode_video",
-    "estimate_latent_scale",
-    "load_autoencoder",
-    "psnr",
-    "save_autoencoder",
-    "ssim",
-    "with_estimated_latent_scale",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "AutoencoderConfig": "config", "AutoencoderLossConfig": "config", "CLASS_NAME": "config",
+    "load_autoencoder": "loading", "save_autoencoder": "loading",
+    "AutoencoderLoss": "losses", "PatchDiscriminator": "losses", "build_lpips": "losses",
+    "psnr": "metrics", "ssim": "metrics",
+    "AutoencoderKL": "model", "DiagonalGaussian": "model",
+    "decode_video": "video", "encode_video": "video", "estimate_latent_scale": "video",
+    "with_estimated_latent_scale": "video",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'autoencoder' has no attribute {name!r}")
+    value = getattr(import_module(f"autoencoder.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -27,9 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from autoencoder.model import AutoencoderConfig, AutoencoderKL
+from autoencoder.config import CLASS_NAME, AutoencoderConfig
+from autoencoder.model import AutoencoderKL
 
-CLASS_NAME = "LatentVideoAutoencoderKL"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMA_FILE = "ema_model.safetensors"

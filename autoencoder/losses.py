@@ -11,20 +11,18 @@ Discriminator (``optimizer_idx`` 1): disc_factor · hinge (or vanilla) loss on D
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import lpips
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoencoder.config import AutoencoderLossConfig, DiscNorm, LpipsNet, PerceptualMode
 from autoencoder.model import DiagonalGaussian
 
-PerceptualMode = Literal["pretrained", "untrained", "off"]
-LpipsNet = Literal["alex", "vgg"]
-DiscNorm = Literal["batch", "group", "none"]
 Log = dict[str, float]
 BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 
@@ -58,17 +56,17 @@ def _load_backbone(metric: lpips.LPIPS, path: Path) -> None:
 
 
 def build_lpips(mode: PerceptualMode = "pretrained", net: LpipsNet = "alex") -> FrozenLPIPS | None:
-    """The perceptual metric, or ``None`` for mode "off".
+    """The perceptual metric, or ``None`` for mode "none".
 
     "pretrained": the lpips package's linear layers on the ImageNet backbone, read from torch hub's cache
     (never downloaded: a missing file is a ``FileNotFoundError`` saying where to put it). "untrained": the
     shipped linear layers on a randomly initialised backbone (``pnet_rand=True``), for tests and offline
     smoke runs.
     """
-    if mode == "off":
+    if mode == "none":
         return None
     if mode not in ("pretrained", "untrained") or net not in BACKBONE_FILES:
-        raise ValueError(f"perceptual mode must be 'pretrained', 'untrained' or 'off' and net 'alex' or "
+        raise ValueError(f"perceptual mode must be 'pretrained', 'untrained' or 'none' and net 'alex' or "
                          f"'vgg', got {mode!r}, {net!r}")
     path = backbone_path(net)
     if mode == "pretrained" and not path.is_file():
@@ -148,23 +146,21 @@ def _floats(log: dict[str, torch.Tensor | float]) -> Log:
 class AutoencoderLoss(nn.Module):
     """LDM's LPIPSWithDiscriminator (module docstring): the generator and discriminator losses of the VAE."""
 
-    def __init__(self, disc_start: int = 50001, kl_weight: float = 1e-6, disc_weight: float = 0.5,
-                 disc_factor: float = 1.0, perceptual_weight: float = 1.0,
-                 perceptual: PerceptualMode = "pretrained", lpips_net: LpipsNet = "alex",
-                 reconstruction: Literal["l1", "l2"] = "l1", disc_loss: Literal["hinge", "vanilla"] = "hinge",
-                 disc_num_layers: int = 3, disc_norm: DiscNorm = "batch", in_channels: int = 3,
-                 logvar_init: float = 0.0):
+    def __init__(self, config: AutoencoderLossConfig | None = None, in_channels: int = 3, **overrides):
+        """``config`` (defaults: LDM's KL-f8 recipe) with any of its fields overridden by keyword."""
         super().__init__()
-        if reconstruction not in ("l1", "l2") or disc_loss not in DISC_LOSSES:
+        cfg = dataclasses.replace(config or AutoencoderLossConfig(), **overrides)
+        if cfg.reconstruction not in ("l1", "l2") or cfg.disc_loss not in DISC_LOSSES:
             raise ValueError(f"reconstruction must be 'l1' or 'l2' and disc_loss 'hinge' or 'vanilla', "
-                             f"got {reconstruction!r}, {disc_loss!r}")
-        self.disc_start, self.disc_factor, self.disc_weight = disc_start, disc_factor, disc_weight
-        self.kl_weight, self.perceptual_weight = kl_weight, perceptual_weight
-        self.reconstruction = reconstruction
-        self.perceptual = build_lpips(perceptual, lpips_net)
-        self.disc_loss = DISC_LOSSES[disc_loss]
-        self.discriminator = PatchDiscriminator(in_channels, num_layers=disc_num_layers, norm=disc_norm)
-        self.logvar = nn.Parameter(torch.tensor(float(logvar_init)))
+                             f"got {cfg.reconstruction!r}, {cfg.disc_loss!r}")
+        self.config = cfg
+        self.disc_start, self.disc_factor, self.disc_weight = cfg.disc_start, cfg.disc_factor, cfg.disc_weight
+        self.kl_weight, self.perceptual_weight = cfg.kl_weight, cfg.perceptual_weight
+        self.reconstruction = cfg.reconstruction
+        self.perceptual = build_lpips(cfg.perceptual, cfg.lpips_net)
+        self.disc_loss = DISC_LOSSES[cfg.disc_loss]
+        self.discriminator = PatchDiscriminator(in_channels, num_layers=cfg.disc_num_layers, norm=cfg.disc_norm)
+        self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)))
 
     def forward(self, inputs: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
                 optimizer_idx: int, global_step: int,

@@ -8,69 +8,15 @@ Videos go through :mod:`autoencoder.video`, which folds frames into the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from autoencoder.config import AutoencoderConfig
+
 LOGVAR_RANGE = (-30.0, 20.0)
-
-
-@dataclass
-class AutoencoderConfig:
-    """Architecture of :class:`AutoencoderKL` and the latent normalisation z' = (z − shift) · scale.
-
-    Level i has width ``base_channels · channel_mult[i]``; every level but the last halves the resolution, so
-    the downsampling factor is 2^(levels − 1). ``latent_scale`` is LDM's scale-by-std (SD: 0.18215).
-    """
-
-    in_channels: int = 3
-    out_channels: int = 3
-    base_channels: int = 128
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
-    num_res_blocks: int = 2
-    z_channels: int = 4
-    norm_groups: int = 32
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    mid_attention: bool = True
-    latent_scale: float = 1.0
-    latent_shift: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.channel_mult = [int(m) for m in self.channel_mult]
-        if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"channel_mult must be a non-empty list of positive ints: {self.channel_mult}")
-        uneven = [w for w in self.widths if w % self.norm_groups]
-        if uneven:
-            raise ValueError(f"norm_groups={self.norm_groups} must divide every level width, not {uneven}")
-
-    @property
-    def widths(self) -> list[int]:
-        """Channel width of each resolution level, full resolution first."""
-        return [self.base_channels * m for m in self.channel_mult]
-
-    @property
-    def downsample_factor(self) -> int:
-        """Spatial factor F between frames and latents: 2^(levels − 1)."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @classmethod
-    def sd(cls) -> AutoencoderConfig:
-        """The SD / LDM KL-f8 VAE: 128 × [1, 2, 4, 4], 2 blocks, z = 4, scale 0.18215 (83.65M params)."""
-        return cls(base_channels=128, channel_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4,
-                   latent_scale=0.18215)
-
-    @classmethod
-    def cpu(cls, factor: int = 4) -> AutoencoderConfig:
-        """A small VAE for 64×64 frames on a CPU: base 32, one block per level, factor 4 or 8."""
-        channel_mult = {4: [1, 2, 2], 8: [1, 2, 2, 4]}
-        if factor not in channel_mult:
-            raise ValueError(f"AutoencoderConfig.cpu factor must be 4 or 8, got {factor}")
-        return cls(base_channels=32, channel_mult=channel_mult[factor], num_res_blocks=1, norm_groups=8)
 
 
 class DiagonalGaussian:

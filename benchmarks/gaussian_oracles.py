@@ -21,9 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion import NoiseSchedule, get_sampler  # noqa: E402
-from tests.gaussian import diagonal_oracle  # noqa: E402
-from tests.test_guidance import conditional_kl  # noqa: E402
-from tests.test_sampling import MEAN, STD  # noqa: E402
+from diffusion.oracles import (
+    conditional_kl,  # noqa: E402
+    diagonal_oracle,  # noqa: E402
+)
+
+MEAN = torch.tensor([1.5, -0.5, 0.0, 2.0])  # the data of tests/test_sampling.py
+STD = torch.tensor([0.5, 1.0, 2.0, 0.3])
 
 SAMPLERS = [("ancestral", {"gamma": 0.0}), ("ancestral", {"gamma": 0.3}), ("ancestral", {"gamma": 1.0}),
             ("ddim", {"eta": 0.0}), ("ddim", {"eta": 1.0}), ("pc", {"delta": 0.1})]

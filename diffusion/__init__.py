@@ -1,25 +1,34 @@
 """Stage 2: continuous-time Gaussian diffusion on latent videos ``[b, c, f, h, w]`` (Ho et al. 2022).
 
-Never imports ``autoencoder``: it works on latents, whoever made them.
+Never imports ``autoencoder``: it works on latents, whoever made them. Names are imported lazily (PEP 562), so
+``import diffusion.config`` stays free of torch.
 """
 
-from diffusion.attention import attention, xformers_available
-from diffusion.denoiser import Denoiser, diffusion_loss, drop_conditioning, loss_weight
-from diffusion.ema import EMA
-from diffusion.guidance import classifier_free_guidance, super_resolution_guidance, temporal_conditioning
-from diffusion.sampling import (
-    SAMPLERS,
-    get_sampler,
-    sample_ancestral,
-    sample_ddim,
-    sample_predictor_corrector,
-)
-from diffusion.schedule import NoiseSchedule, Prediction, alpha_sigma, append_dims, q_sample
-from diffusion.unet3d import UNet3D, UNet3DConfig
+from importlib import import_module
 
-__all__ = [
-    "EMA", "SAMPLERS", "Denoiser", "NoiseSchedule", "Prediction", "UNet3D", "UNet3DConfig", "alpha_sigma",
-    "append_dims", "attention", "classifier_free_guidance", "diffusion_loss", "drop_conditioning", "get_sampler",
-    "loss_weight", "q_sample", "sample_ancestral", "sample_ddim", "sample_predictor_corrector",
-    "super_resolution_guidance", "temporal_conditioning", "xformers_available",
-]
+_EXPORTS = {
+    "BACKENDS": "config", "ScheduleConfig": "config", "UNet3DConfig": "config",
+    "xformers_available": "attention",  # the function `attention` lives at diffusion.attention.attention
+    "Denoiser": "denoiser", "diffusion_loss": "denoiser", "drop_conditioning": "denoiser", "loss_weight": "denoiser",
+    "EMA": "ema",
+    "classifier_free_guidance": "guidance", "super_resolution_guidance": "guidance",
+    "temporal_conditioning": "guidance",
+    "SAMPLERS": "sampling", "get_sampler": "sampling", "sample_ancestral": "sampling", "sample_ddim": "sampling",
+    "sample_predictor_corrector": "sampling",
+    "NoiseSchedule": "schedule", "Prediction": "schedule", "alpha_sigma": "schedule", "append_dims": "schedule",
+    "q_sample": "schedule",
+    "UNet3D": "unet3d",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffusion' has no attribute {name!r}")
+    value = getattr(import_module(f"diffusion.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

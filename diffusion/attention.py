@@ -15,38 +15,56 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Backend = Literal["auto", "xformers", "sdpa", "math"]
-BACKENDS = ("auto", "xformers", "sdpa", "math")
+from diffusion.config import BACKENDS
+from diffusion.config import AttentionBackend as Backend
+
 MAX_CUDA_BATCH = 32_768  # below the 65 535 grid limit, with room for the heads axis of some kernels
 
 
 @functools.lru_cache(maxsize=1)
 def _xformers_ops():
-    """``xformers.ops`` or ``None`` when it is not importable."""
+    """``xformers.ops`` when xformers imports *and* its compiled kernels loaded, else ``None``.
+
+    An xformers wheel built for another torch imports fine but loads no kernels (``_has_cpp_library`` is
+    False, with a warning of its own); every attention call would then fail, so it counts as absent.
+    """
     try:
-        import xformers.ops as xops  # noqa: PLC0415 (lazy on purpose)
+        import xformers  # noqa: PLC0415 (lazy on purpose)
+        import xformers.ops as xops  # noqa: PLC0415
     except Exception:  # a broken build raises more than ImportError
         return None
-    return xops
+    return xops if getattr(xformers, "_has_cpp_library", False) else None
 
 
 def xformers_available() -> bool:
-    """True when xformers' memory-efficient attention can be imported."""
+    """True when xformers' memory-efficient attention can run (imported, kernels loaded)."""
     return _xformers_ops() is not None
 
 
+@functools.lru_cache(maxsize=1)
+def _warn_no_xformers() -> None:
+    """One warning line per process when ``auto`` falls back to SDPA on CUDA."""
+    warnings.warn("xformers' kernels are not available (not installed, or built for another torch): "
+                  "attention runs on PyTorch SDPA", stacklevel=3)
+
+
 def resolve_backend(backend: Backend, device: torch.device) -> str:
-    """``auto`` → ``xformers`` for CUDA tensors when installed, else ``sdpa``."""
+    """``auto`` → ``xformers`` for CUDA tensors when its kernels load, else ``sdpa`` (one warning on CUDA)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        if xformers_available():
+            return "xformers"
+        _warn_no_xformers()
+        return "sdpa"
     if backend == "xformers" and device.type != "cuda":
         raise ValueError("the xformers backend needs CUDA tensors (xformers has no CPU kernels)")
     return backend
@@ -86,7 +104,7 @@ def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) ->
     stored with a stride that is a multiple of 8, so the bias is copied into a padded buffer and sliced."""
     xops = _xformers_ops()
     if xops is None:
-        raise RuntimeError("xformers is not installed (pip install xformers) or failed to import")
+        raise RuntimeError("xformers is not installed, or its kernels did not load (it must be built for this torch)")
     if bias is not None:
         lk = bias.shape[-1]
         padded = bias.new_empty(*bias.shape[:-1], -(-lk // 8) * 8)

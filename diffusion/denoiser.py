@@ -48,15 +48,18 @@ def loss_weight(logsnr: Tensor, weighting: Weighting, prediction: Prediction, mi
 
 def drop_conditioning(
     conditioning: Mapping[str, Tensor], null: Mapping[str, Tensor], p_uncond: float,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator] = None, uniform: Optional[Tensor] = None,
 ) -> dict[str, Tensor]:
     """Replace each sample's conditioning by the null embedding with probability ``p_uncond``, so one network
-    learns both ``ε_θ(z, c)`` and ``ε_θ(z)`` for classifier-free guidance (Ho & Salimans 2021)."""
+    learns both ``ε_θ(z, c)`` and ``ε_θ(z)`` for classifier-free guidance (Ho & Salimans 2021). ``uniform [b]``
+    (U[0, 1) draws) may be given instead of drawing them from ``generator``."""
     if p_uncond <= 0 or not conditioning:
         return dict(conditioning)
     b = next(iter(conditioning.values())).shape[0]
     device = next(iter(conditioning.values())).device
-    drop = torch.rand(b, generator=generator, device=device) < p_uncond
+    if uniform is None:
+        uniform = torch.rand(b, generator=generator, device=device)
+    drop = uniform.to(device) < p_uncond
     out = {}
     for key, value in conditioning.items():
         keep = drop.reshape((b,) + (1,) * (value.ndim - 1))
@@ -74,19 +77,27 @@ def diffusion_loss(
     weighting: Weighting = "auto",
     min_snr_gamma: float = 5.0,
     generator: Optional[torch.Generator] = None,
+    t: Optional[Tensor] = None,
+    noise: Optional[Tensor] = None,
+    drop_uniform: Optional[Tensor] = None,
     **net_kwargs,
 ) -> Tensor:
     """Per-sample loss ``[b]``: ``w(λ_t) · mean ‖x̂_θ(z_t) − x‖²`` with ``t ~ U[0, 1]`` (stratified over the
-    batch to lower the variance), ``z_t = α_t x + σ_t ε``. ``x0`` may have any rank ≥ 2."""
+    batch to lower the variance), ``z_t = α_t x + σ_t ε``. ``x0`` may have any rank ≥ 2.
+
+    ``t [b]``, ``noise`` (shaped like ``x0``) and ``drop_uniform [b]`` may be drawn by the caller (e.g. per
+    sample, so a run is the same at any process count); whatever is not given is drawn from ``generator``."""
     b = x0.shape[0]
-    t = (torch.arange(b, device=x0.device) + torch.rand(b, generator=generator, device=x0.device)) / b
-    t = t[torch.randperm(b, generator=generator, device=x0.device)]
-    logsnr = schedule.logsnr(t)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    z = q_sample(x0, logsnr, noise)
+    if t is None:
+        t = (torch.arange(b, device=x0.device) + torch.rand(b, generator=generator, device=x0.device)) / b
+        t = t[torch.randperm(b, generator=generator, device=x0.device)]
+    logsnr = schedule.logsnr(t.to(x0.device))
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    z = q_sample(x0, logsnr, noise.to(x0.dtype))
     conditioning = conditioning or {}
     if null_conditioning is not None:
-        conditioning = drop_conditioning(conditioning, null_conditioning, p_uncond, generator)
+        conditioning = drop_conditioning(conditioning, null_conditioning, p_uncond, generator, drop_uniform)
     x0_hat = denoiser(z, logsnr, **conditioning, **net_kwargs)
     mse = (x0_hat - x0.float()).pow(2).flatten(1).mean(dim=1)
     return loss_weight(logsnr, weighting, denoiser.prediction, min_snr_gamma) * mse

@@ -9,13 +9,15 @@ All functions are rank-agnostic: per-sample quantities of shape ``[b]`` broadcas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
 
 import torch
 from torch import Tensor
+
+from diffusion.config import ScheduleConfig
 
 
 class Prediction(str, Enum):
@@ -37,27 +39,13 @@ def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass(frozen=True)
-class NoiseSchedule:
-    """``t ↦ λ_t`` on ``t ∈ [0, 1]``, clipped to ``[logsnr_min, logsnr_max]``.
+class NoiseSchedule(ScheduleConfig):
+    """The schedule of a :class:`ScheduleConfig` (same fields) with its arithmetic: λ_t, sampling grids."""
 
-    * ``cosine`` (the paper's): ``λ(t) = −2 log tan(a t + b)`` with ``b = arctan(e^{−λ_max/2})`` and
-      ``a = arctan(e^{−λ_min/2}) − b``, so ``λ(0) = λ_max`` and ``λ(1) = λ_min`` exactly.
-      ``shift`` adds a constant to λ (the "shifted cosine" of Hoogeboom et al. 2023; ``2·log(64/res)``
-      for a ``res``-pixel model) while the endpoints stay at the clip range.
-    * ``linear``: the continuous DDPM schedule with β linear in t (β₀ = 0.1, β₁ = 20, as in Song et al.'s VP
-      SDE): ``λ(t) = −log(expm1(β₀ t + ½ (β₁ − β₀) t²))``, for comparison.
-    """
-
-    kind: Literal["cosine", "linear"] = "cosine"
-    logsnr_min: float = -20.0
-    logsnr_max: float = 20.0
-    shift: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("cosine", "linear"):
-            raise ValueError(f"schedule kind must be 'cosine' or 'linear', got {self.kind!r}")
-        if not self.logsnr_min < self.logsnr_max:
-            raise ValueError("logsnr_min must be below logsnr_max")
+    @classmethod
+    def of(cls, config: ScheduleConfig) -> NoiseSchedule:
+        """The schedule a config describes (itself when it already is one)."""
+        return config if isinstance(config, NoiseSchedule) else cls(**dataclasses.asdict(config))
 
     def logsnr(self, t: Tensor) -> Tensor:
         """λ_t for diffusion times ``t`` (any shape, values in [0, 1])."""

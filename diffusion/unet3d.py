@@ -17,7 +17,7 @@ Layout: input and output are ``[b, c, f, h, w]``; inside, activations are ``[(b 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -26,53 +26,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffusion.attention import BACKENDS, attention
-
-
-@dataclass
-class UNet3DConfig:
-    """Hyper-parameters of the space-time U-Net (paper Table of hyper-parameters; defaults: T2V 16×64×64
-    scaled to SD-VAE latents)."""
-
-    in_channels: int = 4
-    out_channels: int = 4
-    base_channels: int = 128
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
-    num_res_blocks: int = 2
-    attention_levels: list[int] = field(default_factory=lambda: [1, 2, 3])  # level 0 = full resolution
-    head_dim: int = 64
-    norm_groups: int = 32
-    dropout: float = 0.0
-    cond_dim: int = 0  # pooled conditioning embedding (e.g. text); 0 = unconditional
-    context_dim: int = 0  # token embeddings for optional cross-attention; 0 = none
-    emb_dim: Optional[int] = None  # width of the noise/conditioning embedding; None = 4 × base_channels
-    emb_mlp_layers: int = 2  # paper: 2 or 4
-    scale_shift_norm: bool = True  # FiLM the second norm of each block (False: add the embedding, as written)
-    temporal_attention: bool = True
-    max_relative_distance: int = 32  # relative positions beyond ±k frames share an embedding (Shaw et al.)
-    frame_positions: int = 0  # > 0: also a learned absolute embedding of the frame index (0 = relative only)
-    coordinates: bool = False  # also feed the network each pixel's (x, y) in [-1, 1] (CoordConv input channels)
-    attention_backend: str = "auto"
-    gradient_checkpointing: bool = False
-    channels_last: bool = False  # NHWC activations (often faster convolutions on GPUs)
-
-    def __post_init__(self) -> None:
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
-        if self.emb_mlp_layers < 1:
-            raise ValueError("emb_mlp_layers must be at least 1")
-        bad = [level for level in self.attention_levels if not 0 <= level < len(self.channel_mult)]
-        if bad:
-            raise ValueError(f"attention_levels {bad} outside 0..{len(self.channel_mult) - 1}")
-        for mult in self.channel_mult:
-            if (mult * self.base_channels) % self.norm_groups:
-                raise ValueError(f"norm_groups={self.norm_groups} must divide every width "
-                                 f"(base_channels × channel_mult), not {mult * self.base_channels}")
-
-    @property
-    def downsample_factor(self) -> int:
-        """Spatial size must be divisible by this (2^(levels − 1))."""
-        return 2 ** (len(self.channel_mult) - 1)
+from diffusion.attention import attention
+from diffusion.config import UNet3DConfig
 
 
 @dataclass

@@ -11,8 +11,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import main  # noqa: E402
-from pipelines.demo import DemoConfig, run_demo  # noqa: E402
+from pipelines.core.cli import main  # noqa: E402
+from pipelines.demo.config import DemoConfig  # noqa: E402  (torch-free: --help answers at once)
+
+
+def run(config: DemoConfig):
+    """Import the stage only now, after parsing."""
+    from pipelines.demo.run import run_demo
+
+    return run_demo(config)
+
 
 if __name__ == "__main__":
-    main(DemoConfig, run_demo, __doc__)
+    main(DemoConfig, run, __doc__)

@@ -10,8 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import main  # noqa: E402
-from pipelines.latents import EncodeConfig, encode_latents  # noqa: E402
+from pipelines.core.cli import main  # noqa: E402
+from pipelines.stages.configs import EncodeConfig  # noqa: E402  (torch-free: --help answers at once)
+
+
+def run(config: EncodeConfig):
+    """Import the stage only now, after parsing."""
+    from pipelines.stages.encode_latents import encode_latents
+
+    return encode_latents(config)
+
 
 if __name__ == "__main__":
-    main(EncodeConfig, encode_latents, __doc__)
+    main(EncodeConfig, run, __doc__)

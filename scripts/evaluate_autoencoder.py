@@ -10,8 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import main  # noqa: E402
-from pipelines.evaluate_autoencoder import EvaluateConfig, evaluate_autoencoder  # noqa: E402
+from pipelines.core.cli import main  # noqa: E402
+from pipelines.stages.configs import EvaluateAutoencoderConfig  # noqa: E402  (torch-free: --help answers at once)
+
+
+def run(config: EvaluateAutoencoderConfig):
+    """Import the stage only now, after parsing."""
+    from pipelines.stages.evaluate_autoencoder import evaluate_autoencoder
+
+    return evaluate_autoencoder(config)
+
 
 if __name__ == "__main__":
-    main(EvaluateConfig, evaluate_autoencoder, __doc__)
+    main(EvaluateAutoencoderConfig, run, __doc__)

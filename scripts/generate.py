@@ -10,8 +10,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import main  # noqa: E402
-from pipelines.generate import GenerateConfig, generate  # noqa: E402
+from pipelines.core.cli import main  # noqa: E402
+from pipelines.stages.configs import GenerateConfig  # noqa: E402  (torch-free: --help answers at once)
+
+
+def run(config: GenerateConfig):
+    """Import the stage only now, after parsing."""
+    from pipelines.stages.generate import generate
+
+    return generate(config)
+
 
 if __name__ == "__main__":
-    main(GenerateConfig, generate, __doc__)
+    main(GenerateConfig, run, __doc__)

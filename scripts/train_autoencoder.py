@@ -9,8 +9,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import main  # noqa: E402
-from pipelines.train_autoencoder import AutoencoderTrainConfig, train_autoencoder  # noqa: E402
+from pipelines.core.cli import main  # noqa: E402
+from pipelines.stages.configs import AutoencoderTrainConfig  # noqa: E402  (torch-free: --help answers at once)
+
+
+def run(config: AutoencoderTrainConfig):
+    """Import the stage only now, after parsing."""
+    from pipelines.stages.train_autoencoder import train_autoencoder
+
+    return train_autoencoder(config)
+
 
 if __name__ == "__main__":
-    main(AutoencoderTrainConfig, train_autoencoder, __doc__)
+    main(AutoencoderTrainConfig, run, __doc__)

@@ -11,8 +11,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.cli import main  # noqa: E402
-from pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
+from pipelines.core.cli import main  # noqa: E402
+from pipelines.stages.configs import DiffusionTrainConfig  # noqa: E402  (torch-free: --help answers at once)
+
+
+def run(config: DiffusionTrainConfig):
+    """Import the stage only now, after parsing."""
+    from pipelines.stages.train_diffusion import train_diffusion
+
+    return train_diffusion(config)
+
 
 if __name__ == "__main__":
-    main(DiffusionTrainConfig, train_diffusion, __doc__)
+    main(DiffusionTrainConfig, run, __doc__)

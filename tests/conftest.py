@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.config import load_config
-from pipelines.latents import EncodeConfig, encode_latents
-from pipelines.train_autoencoder import AutoencoderTrainConfig, train_autoencoder
-from pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion
+from pipelines.core.config import load_config
+from pipelines.stages.configs import AutoencoderTrainConfig, DiffusionTrainConfig, EncodeConfig
+from pipelines.stages.encode_latents import encode_latents
+from pipelines.stages.train_autoencoder import train_autoencoder
+from pipelines.stages.train_diffusion import train_diffusion
 from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides, encode_overrides, make_test_videos
 
 

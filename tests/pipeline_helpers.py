@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.world import WorldSpec, make_world
+from pipelines.world.config import WorldSpec
+from pipelines.world.synthetic import make_world
 from tests.videos import ffmpeg_clip, garbage_file, truncated_copy
 
 BROKEN = ("garbage.mp4", "truncated.mp4", "short.mp4")

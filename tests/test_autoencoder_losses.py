@@ -80,8 +80,8 @@ def test_untrained_mode_is_frozen_eval_and_keeps_the_shipped_linear_layers():
 
 
 def test_off_mode_has_no_perceptual_term():
-    assert build_lpips("off") is None
-    loss = AutoencoderLoss(perceptual="off", reconstruction="l2")
+    assert build_lpips("none") is None
+    loss = AutoencoderLoss(perceptual="none", reconstruction="l2")
     x, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(loss.reconstruction_loss(x, y), (x - y) ** 2)
     with pytest.raises(ValueError, match="perceptual mode"):
@@ -90,7 +90,7 @@ def test_off_mode_has_no_perceptual_term():
 
 def test_generator_loss_is_nll_plus_weighted_kl_before_disc_start():
     vae = tiny_vae()
-    loss_fn = AutoencoderLoss(perceptual="off", disc_start=100, kl_weight=0.01, logvar_init=0.5)
+    loss_fn = AutoencoderLoss(perceptual="none", disc_start=100, kl_weight=0.01, logvar_init=0.5)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     recon, posterior = vae(x)
     loss, log = loss_fn(x, recon, posterior, optimizer_idx=0, global_step=99, last_layer=vae.last_layer)
@@ -103,7 +103,7 @@ def test_generator_loss_is_nll_plus_weighted_kl_before_disc_start():
 
 def test_adaptive_weight_equals_the_gradient_norm_ratio():
     vae = tiny_vae()
-    loss_fn = AutoencoderLoss(perceptual="off", disc_start=0, disc_weight=0.7, kl_weight=1e-6)
+    loss_fn = AutoencoderLoss(perceptual="none", disc_start=0, disc_weight=0.7, kl_weight=1e-6)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, posterior = vae(x)
     loss, log = loss_fn(x, recon, posterior, optimizer_idx=0, global_step=0, last_layer=vae.last_layer)
@@ -123,7 +123,7 @@ def test_adaptive_weight_equals_the_gradient_norm_ratio():
 
 
 def test_discriminator_term_is_zero_before_disc_start_and_on_after():
-    vae, loss_fn = tiny_vae(), AutoencoderLoss(perceptual="off", disc_start=10)
+    vae, loss_fn = tiny_vae(), AutoencoderLoss(perceptual="none", disc_start=10)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, posterior = vae(x)
     before, log = loss_fn(x, recon, posterior, optimizer_idx=1, global_step=9)

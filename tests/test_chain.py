@@ -8,10 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from autoencoder import load_autoencoder
-from pipelines.config import load_config
-from pipelines.latents import EncodeConfig, LatentDataset, encode_latents
-from pipelines.train_autoencoder import AutoencoderTrainConfig, train_autoencoder
-from pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion
+from pipelines.core.config import load_config
+from pipelines.latents.shards import LatentDataset
+from pipelines.stages.configs import AutoencoderTrainConfig, DiffusionTrainConfig, EncodeConfig
+from pipelines.stages.encode_latents import encode_latents
+from pipelines.stages.train_autoencoder import train_autoencoder
+from pipelines.stages.train_diffusion import train_diffusion
 from tests.pipeline_helpers import BROKEN, autoencoder_overrides, diffusion_overrides, encode_overrides
 
 quiet = lambda *args, **kwargs: None  # noqa: E731
@@ -121,16 +123,16 @@ def test_joint_training_with_an_image_folder_uses_each_images_caption(chain, tmp
     lines = [json.dumps({"path": f"{i}.png", "caption": f"image {i}"}) for i in range(3)]
     (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
     seen = []
-    from pipelines import train_diffusion as module
+    from pipelines.stages import train_diffusion as module
 
-    original = module.DiffusionObjective.conditioning
+    original = module.per_frame_conditioning
 
-    def spy(self, batch, null, frames):
-        conditioning, null_conditioning = original(self, batch, null, frames)
+    def spy(text, batch, frames):
+        conditioning, null_conditioning = original(text, batch, frames)
         seen.append((batch["image_caption"], conditioning["cond"].shape))
         return conditioning, null_conditioning
 
-    monkeypatch.setattr(module.DiffusionObjective, "conditioning", spy)
+    monkeypatch.setattr(module, "per_frame_conditioning", spy)
     overrides = diffusion_overrides(chain["latents"], tmp_path / "run", steps=2) + [f"data.images=[{folder}]"]
     train_diffusion(load_config(DiffusionTrainConfig, None, overrides), quiet)
     captions, shape = seen[0]
@@ -140,12 +142,13 @@ def test_joint_training_with_an_image_folder_uses_each_images_caption(chain, tmp
 
 
 def test_evaluating_an_autoencoder_on_held_out_frames(chain, tmp_path):
-    from pipelines.evaluate_autoencoder import EvaluateConfig, evaluate_autoencoder
+    from pipelines.stages.configs import EvaluateAutoencoderConfig as EvaluateConfig
+    from pipelines.stages.evaluate_autoencoder import evaluate_autoencoder
 
     out = tmp_path / "scores.json"
     cfg = load_config(EvaluateConfig, None, [f"autoencoder={chain['autoencoder'] / 'model'}",
-                                             f"roots=[{chain['videos']}]", "size=32", "frames=8", f"out={out}",
-                                             "eval_fraction=0.2"])
+                                             f"data.roots=[{chain['videos']}]", "data.size=32", "frames=8",
+                                             f"out={out}", "data.eval_fraction=0.2"])
     scores = evaluate_autoencoder(cfg, quiet)
     trained = json.loads((chain["autoencoder"] / "eval.json").read_text())
     assert json.loads(out.read_text())["frames"] == trained["frames"]
@@ -155,16 +158,13 @@ def test_evaluating_an_autoencoder_on_held_out_frames(chain, tmp_path):
 def test_only_clips_cropped_from_a_videos_first_frame_are_told_they_start_it():
     """Frame positions mean "frame k of the video": a window cropped later never gets them, and a share
     ``p_unknown_start`` of the others trains the position-free mode that extension chunks are sampled in."""
-    from pipelines.model import DiffusionModelConfig
-    from pipelines.text import TextConfig
-    from pipelines.train_diffusion import DiffusionObjective, crop_and_append
-    from tests.models import tiny_denoiser
+    from pipelines.stages.train_diffusion import SampleDraws, crop_and_append, video_start
 
-    generator = torch.Generator().manual_seed(0)
-    clips, first = crop_and_append(torch.randn(400, 4, 6, 8, 8), 4, 0, generator)
+    draws = SampleDraws(0, torch.arange(400), 400, torch.device("cpu"))
+    clips, first = crop_and_append(torch.randn(400, 4, 6, 8, 8), 4, 0, draws)
     assert clips.shape == (400, 4, 4, 8, 8) and set(first.tolist()) == {0, 1, 2}
+    source_start = first + 3 * (torch.arange(400) % 2)  # odd clips were cut 3 frames into their video
     for p, expected in [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]:
-        objective = DiffusionObjective(tiny_denoiser(), None, DiffusionModelConfig(p_unknown_start=p), TextConfig())
-        start = objective.video_start({"clip_start": first}, generator)
-        assert not start[first > 0].any()
-        assert abs(start[first == 0].float().mean().item() - expected) < 0.12
+        start = video_start({"source_start": source_start}, draws, p)
+        assert not start[source_start > 0].any()
+        assert abs(start[source_start == 0].float().mean().item() - expected) < 0.12

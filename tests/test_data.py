@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipelines.data import (
+from pipelines.core.config import UserError
+from pipelines.media.datasets import (
     ClipSpec,
     FrameDataset,
     ImageDataset,
@@ -20,11 +21,11 @@ from pipelines.data import (
     resize_crop,
     scan_media,
 )
-from pipelines.video_io import VideoInfo, write_video
+from pipelines.media.video_io import VideoInfo, write_video
 from tests.videos import ffmpeg_clip, garbage_file, image_file, truncated_copy
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::pipelines.data.SkippedFileWarning"
+    "ignore::pipelines.media.datasets.SkippedFileWarning"
 )  # tests that count them record
 
 GREY_STEP = 6  # frame k of a counter video is uniformly grey at level GREY_STEP * k
@@ -230,7 +231,7 @@ def test_a_folder_of_only_bad_files_raises_one_clear_error(tmp_path):
     dataset = VideoClipDataset(tmp_path, ClipSpec(num_frames=8))
     with (
         pytest.warns(SkippedFileWarning),
-        pytest.raises(RuntimeError, match="every file is unusable.*2 skipped"),
+        pytest.raises(UserError, match="every file is unusable.*2 skipped"),
     ):
         dataset[0]
     with pytest.raises(FileNotFoundError, match="no media files"):

@@ -2,8 +2,9 @@
 
 import json
 
-from pipelines.config import load_config
-from pipelines.demo import DemoConfig, run_demo
+from pipelines.core.config import load_config
+from pipelines.demo.config import DemoConfig
+from pipelines.demo.run import run_demo
 
 
 def test_quick_demo_runs_the_chain_and_reports(tmp_path):

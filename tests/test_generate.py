@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from diffusion import NoiseSchedule, classifier_free_guidance
-from pipelines.config import load_config
-from pipelines.generate import GenerateConfig, Plan, _chunk_count, autoregressive, generate, hierarchical
-from pipelines.model import DiffusionBundle, DiffusionModelConfig, SamplingConfig
-from pipelines.text import SmallTextEncoder, TextConfig
-from pipelines.video_io import read_frames
+from pipelines.core.config import UserError, load_config
+from pipelines.media.video_io import read_frames
+from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
+from pipelines.models.diffusion import DiffusionBundle
+from pipelines.models.text import SmallTextEncoder
+from pipelines.stages.configs import GenerateConfig
+from pipelines.stages.generate import Plan, _chunk_count, autoregressive, generate, hierarchical
 from tests.models import tiny_denoiser
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
@@ -69,7 +71,7 @@ def test_extension_chunks_are_sampled_without_frame_positions(bundle):
 
 
 def test_context_must_be_shorter_than_the_chunk(bundle):
-    with pytest.raises(ValueError, match="context_frames"):
+    with pytest.raises(UserError, match="context_frames"):
         autoregressive(bundle, PROMPTS, _plan(10, context=6), torch.Generator())
 
 

@@ -5,8 +5,8 @@ import torch
 
 from diffusion import NoiseSchedule, classifier_free_guidance, get_sampler, super_resolution_guidance
 from diffusion.guidance import area_downsample, temporal_conditioning
+from diffusion.oracles import conditional_kl
 from diffusion.schedule import alpha_sigma, eps_from_x0
-from tests.gaussian import covariance_oracle, gaussian_conditional
 from tests.models import tiny_denoiser
 
 
@@ -53,36 +53,8 @@ def test_guidance_is_the_papers_epsilon_combination(model):
     assert not torch.allclose(eps_c, eps_u, atol=1e-3)  # the null embedding really changes the model
 
 
-def _gaussian_frames(f=8, length=3.0):
-    """Zero-mean frames (one scalar each) with an RBF covariance over time."""
-    i = torch.arange(f, dtype=torch.float64)
-    return torch.exp(-((i[:, None] - i[None]) ** 2) / (2 * length**2)) + 1e-3 * torch.eye(f, dtype=torch.float64)
-
-
-def _gaussian_kl(residual: torch.Tensor, cov: torch.Tensor) -> float:
-    """KL(N(mean, cov) of the residuals ‖ N(0, cov)) — 0 for exact conditional samples."""
-    m, c = residual.mean(0), torch.cov(residual.T)
-    inv = torch.linalg.inv(cov)
-    return 0.5 * (torch.trace(inv @ c) + m @ inv @ m - cov.shape[0] + torch.logdet(cov) - torch.logdet(c)).item()
-
-
-def conditional_kl(method: str, w_r: float, sampler: str = "ancestral", n: int = 3000, steps: int = 64) -> float:
-    """How far conditional samples of the last 4 of 8 jointly Gaussian frames are from the true p(x^b | x^a)."""
-    cov = _gaussian_frames()
-    known, unknown = [0, 1, 2, 3], [4, 5, 6, 7]
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 8, generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
-    mean_b, cov_b = gaussian_conditional(cov, known, x[:, known])
-    denoise = temporal_conditioning(covariance_oracle(cov), x[:, None, known, None, None], known, method=method,
-                                    w_r=w_r, generator=generator)
-    z = torch.randn(n, 1, 8, 1, 1, generator=generator, dtype=torch.float64)
-    sample = get_sampler(sampler)(denoise, z, NoiseSchedule().grid(steps), generator=generator)
-    torch.testing.assert_close(sample[:, 0, known, 0, 0], x[:, known], atol=1e-3, rtol=0)  # known frames kept
-    return _gaussian_kl(sample[:, 0, unknown, 0, 0] - mean_b, cov_b)
-
-
 @pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
-def test_reconstruction_guidance_beats_replacement_on_gaussian_frames(sampler):
+def test_reconstruction_guidance_beats_replacement_ongaussian_frames(sampler):
     """The paper's claim (§3.1): replacement samples are incoherent with x^a; reconstruction guidance
     (w_r > 1 helps) brings them measurably closer to the true conditional distribution."""
     replacement = conditional_kl("replacement", 0.0, sampler)

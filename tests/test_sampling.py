@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from diffusion.oracles import diagonal_oracle
 from diffusion.sampling import (
     SAMPLERS,
     ancestral_step,
@@ -12,7 +13,6 @@ from diffusion.sampling import (
     sample_ddim,
 )
 from diffusion.schedule import NoiseSchedule, Prediction, alpha_sigma, x0_from_output
-from tests.gaussian import diagonal_oracle
 
 MEAN = torch.tensor([1.5, -0.5, 0.0, 2.0])
 STD = torch.tensor([0.5, 1.0, 2.0, 0.3])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.video_io import read_frames
+from pipelines.media.video_io import read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["train_autoencoder", "evaluate_autoencoder", "encode_latents", "train_diffusion", "generate", "demo"]
@@ -18,10 +18,41 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_script_has_help_listing_its_keys(script):
+def test_every_script_has_help_with_types_choices_defaults_and_comments(script):
     result = run(script, "--help")
     assert result.returncode == 0, result.stderr
-    assert "config keys" in result.stdout and "--config" in result.stdout
+    keys = [line for line in result.stdout.splitlines() if line.startswith("  ") and ": " in line and " = " in line]
+    assert len(keys) > 5
+    documented = [line for line in keys if "  # " in line]
+    assert len(documented) >= len(keys) // 3  # the dataclass field comments are the keys' documentation
+
+
+def test_help_shows_literal_choices_types_and_field_comments():
+    out = run("generate", "--help").stdout
+    assert "sampling.sampler: {ancestral, ddim, pc} = ddim" in out
+    assert "method: {reconstruction, replacement} = reconstruction  # paper §3.1" in out
+    assert "chunk_frames: int or null = null  # frames per sampled chunk" in out
+    out = run("train_diffusion", "--help").stdout
+    assert "run.report_to: {none, tensorboard, wandb, all} = none" in out
+    assert "model.unet.attention_backend: {auto, xformers, sdpa, math} = auto" in out
+    # a comment continued on the next source line is joined to its field
+    assert "images: list[str] = []  # image folders to draw them from (default: other frames of the same clip)" in out
+
+
+def test_help_imports_no_torch():
+    """``--help`` parses with configs alone: the schemas of every script import without torch."""
+    code = ("import sys; import pipelines.stages.configs, pipelines.demo.config, pipelines.evaluation.config; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_demo_help_hides_the_keys_it_wires_and_refuses_them():
+    out = run("demo", "--help").stdout
+    assert "diffusion.data.latents" not in out and "generate.model:" not in out and "encode.out_dir" not in out
+    assert "diffusion.run.steps" in out and "generate.sampling.guidance" in out
+    result = run("demo", "diffusion.data.latents=/elsewhere")
+    assert result.returncode == 2 and "diffusion.data.latents" in result.stderr
 
 
 def test_unknown_key_and_wrong_type_exit_2_naming_the_key():
@@ -33,12 +64,41 @@ def test_unknown_key_and_wrong_type_exit_2_naming_the_key():
     assert result.returncode == 2 and "method" in result.stderr
 
 
-def test_missing_inputs_are_one_line_errors_with_exit_1(tmp_path):
+@pytest.mark.parametrize("script, override, key", [
+    ("train_diffusion", "run.checkpoint_every=0", "checkpoint_every"),
+    ("train_autoencoder", "run.batch_size=0", "batch_size"),
+    ("generate", "prompts=[]", "prompts"),
+    ("generate", "context_noise=1.5", "context_noise"),
+    ("train_diffusion", "model.p_uncond=2", "p_uncond"),
+    ("encode_latents", "videos_per_shard=0", "videos_per_shard"),
+])
+def test_run_value_errors_exit_2_with_one_line_naming_the_key(script, override, key):
+    result = run(script, override)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and key in result.stderr
+
+
+def test_missing_inputs_are_one_line_errors_with_exit_2(tmp_path):
     result = run("encode_latents", f"autoencoder={tmp_path / 'nope'}", f"videos=[{tmp_path}]")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr
     result = run("generate", f"model={tmp_path / 'missing'}")
-    assert result.returncode == 1 and "no diffusion checkpoint" in result.stderr
+    assert result.returncode == 2 and "no diffusion checkpoint" in result.stderr
+
+
+def test_internal_errors_keep_their_traceback():
+    """Only bad input becomes one line: a bug (any other exception) propagates with its traceback."""
+    from pipelines.core.cli import main
+    from pipelines.stages.configs import GenerateConfig
+
+    def buggy(config):
+        raise RuntimeError("a real bug")
+
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(GenerateConfig, buggy, "", argv=[])
+    with pytest.raises(SystemExit) as exit_info:
+        main(GenerateConfig, lambda config: (_ for _ in ()).throw(FileNotFoundError("no such file: x")), "", argv=[])
+    assert exit_info.value.code == 2
 
 
 def test_the_four_stages_through_their_scripts(chain, tmp_path):

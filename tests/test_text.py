@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from pipelines.text import (
+from pipelines.models.text import (
     OpenCLIPTextEncoder,
     SmallTextEncoder,
     TextConfig,

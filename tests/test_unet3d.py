@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from diffusion import UNet3D, attention
-from diffusion.attention import math_attention, xformers_available
+from diffusion import UNet3D
+from diffusion.attention import attention, math_attention, xformers_available
 from diffusion.unet3d import temporal_image_mask
 from tests.models import randomise_temporal_layers, tiny_unet_config
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import video_io
-from pipelines.video_io import (
+from pipelines.media import video_io
+from pipelines.media.video_io import (
     VideoInfo,
     VideoReadError,
     VideoWriter,

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.data import ClipSpec, VideoClipDataset
-from pipelines.video_io import read_frames
-from pipelines.world import (
+from pipelines.media.config import ClipSpec
+from pipelines.media.datasets import VideoClipDataset
+from pipelines.media.video_io import read_frames
+from pipelines.world.config import MIN_RUN_FRAMES, WorldSpec
+from pipelines.world.synthetic import (
     COLOURS,
     COMBOS,
-    MIN_RUN_FRAMES,
     WorldParams,
-    WorldSpec,
     analyse_video,
     boundary_jump_ratio,
     centres,

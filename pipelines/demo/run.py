@@ -12,60 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-from pipelines.checkpoint import atomic_write_json, atomic_write_text
-from pipelines.config import save_resolved_config
-from pipelines.generate import GenerateConfig, generate
-from pipelines.latents import EncodeConfig, encode_latents
-from pipelines.train_autoencoder import AutoencoderTrainConfig, train_autoencoder
-from pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion
-from pipelines.video_io import read_frames
-from pipelines.world import COLOURS, DIRECTIONS, SHAPES, WorldSpec, analyse_video, make_world
+from pipelines.core.config import save_resolved_config
+from pipelines.core.devices import PeakMemory
+from pipelines.core.files import atomic_write_json, atomic_write_text
+from pipelines.demo.config import DemoConfig
+from pipelines.media.video_io import read_frames
+from pipelines.stages.encode_latents import encode_latents
+from pipelines.stages.generate import generate
+from pipelines.stages.train_autoencoder import train_autoencoder
+from pipelines.stages.train_diffusion import train_diffusion
+from pipelines.world.synthetic import COLOURS, DIRECTIONS, SHAPES, analyse_video, make_world
 
 METHODS = ("reconstruction", "replacement")
-
-
-@dataclass
-class WorldConfig:
-    """The synthetic world the demo trains on."""
-
-    videos: int = 480  # the autoencoder holds out a hashed tenth of them for its PSNR / SSIM
-    spec: WorldSpec = field(default_factory=lambda: WorldSpec(min_speed=2.0, max_speed=3.0, min_run_frames=6))
-    seed: int = 0
-
-
-@dataclass
-class DemoGenerateConfig:
-    """Long-video generation in the demo: both conditioning methods on the same prompts and seeds."""
-
-    prompts: list[str] = field(default_factory=lambda: [
-        "a red circle moving right", "a green square moving down", "a blue triangle moving left",
-        "a yellow circle moving up"])
-    num_frames: int = 64
-    context_frames: int = 4
-    w_r: float = 2.0
-    context_noise: float = 0.0
-    seed: int = 0
-    settings: GenerateConfig = field(default_factory=GenerateConfig)  # sampler, guidance, ...
-
-
-@dataclass
-class DemoConfig:
-    """``scripts/demo.py``: every stage's full config, with the paths between stages filled in by the demo."""
-
-    out_dir: str = "outputs/demo"
-    world: WorldConfig = field(default_factory=WorldConfig)
-    autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
-    encode: EncodeConfig = field(default_factory=EncodeConfig)
-    diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
-    generate: DemoGenerateConfig = field(default_factory=DemoGenerateConfig)
 
 
 def _stage(title: str, log) -> float:
@@ -86,44 +49,19 @@ def wire(cfg: DemoConfig) -> DemoConfig:
         out_dir=str(work / "latents"),
         clip=dataclasses.replace(cfg.encode.clip, size=size, num_frames=cfg.world.spec.num_frames, start="first"))
     dif = dataclasses.replace(cfg.diffusion, data=dataclasses.replace(
-        cfg.diffusion.data, latents=str(work / "latents"), autoencoder=None),
+        cfg.diffusion.data, latents=str(work / "latents"), autoencoder=None, videos=[]),
         run=dataclasses.replace(cfg.diffusion.run, out_dir=str(work / "diffusion")))
-    return dataclasses.replace(cfg, autoencoder=ae, encode=enc, diffusion=dif)
-
-
-class PeakMemory:
-    """Peak resident memory (MB) of this process while a block runs, sampled every 50 ms."""
-
-    def __init__(self):
-        self.peak, self._stop = 0.0, threading.Event()
-        self._process = psutil.Process()
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss / 2**20)
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    gen = dataclasses.replace(cfg.generate, model=dif.run.out_dir, autoencoder=None, out_dir=str(out / "videos"),
+                              batch_size=len(cfg.generate.prompts))
+    return dataclasses.replace(cfg, autoencoder=ae, encode=enc, diffusion=dif, generate=gen)
 
 
 def _generate_both(cfg: DemoConfig, out: Path, log) -> tuple[dict[str, dict], float, float]:
     """Generate with reconstruction guidance and with replacement (same prompts, same seed)."""
-    g = cfg.generate
     results, start = {}, time.perf_counter()
     with PeakMemory() as memory:
         for method in METHODS:
-            settings = dataclasses.replace(
-                g.settings, model=cfg.diffusion.run.out_dir, prompts=g.prompts, num_frames=g.num_frames,
-                context_frames=g.context_frames, method=method, w_r=g.w_r, context_noise=g.context_noise,
-                seed=g.seed, out_dir=str(out / "videos"), name=method, batch_size=len(g.prompts))
-            results[method] = generate(settings, log)
+            results[method] = generate(dataclasses.replace(cfg.generate, method=method, name=method), log)
     return results, time.perf_counter() - start, memory.peak
 
 

@@ -27,7 +27,6 @@ import warnings
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -38,8 +37,10 @@ from einops import rearrange
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from pipelines.config import check_choice
-from pipelines.video_io import MediaReadError, VideoInfo, VideoReadError, read_frames, read_image, video_info
+from pipelines.core.config import UserError, check_choice
+from pipelines.core.loop import collate  # noqa: F401  (datasets and their collate belong together for users)
+from pipelines.media.config import ClipSpec
+from pipelines.media.video_io import MediaReadError, VideoInfo, VideoReadError, read_frames, read_image, video_info
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -187,7 +188,7 @@ class Captions:
 
 def find_captions(captions: str | os.PathLike | Mapping[str, str] | None, roots: Sequence[Path]) -> Captions:
     """A :class:`Captions` from a manifest path, a mapping, or (``None``) the first ``captions.jsonl`` /
-    ``captions.csv`` found directly in a root (what :func:`pipelines.world.make_world` writes)."""
+    ``captions.csv`` found directly in a root (what :func:`pipelines.world.synthetic.make_world` writes)."""
     if captions is None:
         manifests = [r / name for r in roots for name in CAPTION_FILES if (r / name).is_file()]
         captions = load_captions(manifests[0]) if manifests else {}
@@ -197,30 +198,6 @@ def find_captions(captions: str | os.PathLike | Mapping[str, str] | None, roots:
 
 
 # ---------------------------------------------------------------------------------------------- frames
-
-
-@dataclass
-class ClipSpec:
-    """Which frames make a clip and how they are resized.
-
-    ``frame_stride`` frames apart, or, when ``target_fps`` is set, ``round(video_fps / target_fps)`` apart
-    (at least 1) for each video. A clip spans ``(num_frames - 1) * stride + 1`` frames and starts at a
-    random frame, the first, or the one that centres it. Frames are resized (short side first, antialiased
-    bilinear) to cover ``size`` (an int for squares, or ``(h, w)``) and cropped at the centre or at random.
-    """
-
-    num_frames: int = 16
-    frame_stride: int = 1
-    target_fps: float | None = None
-    size: int | tuple[int, int] = 64
-    start: Literal["random", "first", "center"] = "random"
-    crop: Literal["center", "random"] = "center"
-
-    def __post_init__(self):
-        check_choice("start", self.start, ("random", "first", "center"))
-        check_choice("crop", self.crop, ("center", "random"))
-        if self.num_frames < 1 or self.frame_stride < 1:
-            raise ValueError("num_frames and frame_stride must be at least 1")
 
 
 def frame_stride(spec: ClipSpec, fps: float) -> int:
@@ -330,7 +307,7 @@ class MediaDataset(Dataset, ABC):
                 return self._load(path, item_rng(self.seed, self.epoch, index, offset))
             except MediaReadError as error:
                 self.skip(path, error)
-        raise RuntimeError(f"every file is unusable. {self.summary()}")
+        raise UserError(f"every file is unusable. {self.summary()}")
 
     def skip(self, path: Path, error: MediaReadError) -> None:
         """Record ``path`` as unusable and warn (once: a skipped file is never read again)."""
@@ -397,7 +374,7 @@ class VideoClipDataset(MediaDataset):
                 self.skip(path, error)
         self.files = [f for f in self.files if str(f) not in self.skipped]
         if not self.files:
-            raise RuntimeError(f"every file is unusable. {self.summary()}")
+            raise UserError(f"every file is unusable. {self.summary()}")
 
     def _load(self, path: Path, rng: np.random.Generator) -> dict:
         """One clip of ``path``."""
@@ -479,13 +456,3 @@ class FrameDataset(MediaDataset):
         """One frame of ``path``."""
         image = resize_crop(self._frame(path, rng), self.size, self.crop, rng)[0]
         return {"image": image, "path": str(path)}
-
-
-def collate(batch: list[dict]) -> dict:
-    """Stack the tensors of a list of items along a new batch axis; other values become lists."""
-    return {
-        key: torch.stack([item[key] for item in batch])
-        if isinstance(batch[0][key], torch.Tensor)
-        else [item[key] for item in batch]
-        for key in batch[0]
-    }

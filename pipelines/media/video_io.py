@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.checkpoint import atomic_write_bytes
-from pipelines.visual import video_to_uint8
+from pipelines.core.files import atomic_write_bytes
+from pipelines.core.visual import video_to_uint8
 
 Backend = Literal["auto", "decord", "pyav"]
 

@@ -12,9 +12,9 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,39 +22,13 @@ from tqdm.auto import tqdm
 
 from autoencoder import decode_video, load_autoencoder
 from diffusion import temporal_conditioning
-from pipelines.checkpoint import atomic_write_json
-from pipelines.config import config_to_dict, save_resolved_config
-from pipelines.latents import resolve_device
-from pipelines.model import DiffusionBundle, SamplingConfig, load_diffusion, sample
-from pipelines.visual import save_png, tile, to_uint8
-
-
-@dataclass
-class GenerateConfig:
-    """Everything ``scripts/generate.py`` reads."""
-
-    model: str = "outputs/diffusion"  # a diffusion training run (or one of its checkpoints)
-    autoencoder: Optional[str] = None  # default: the VAE the model was trained with
-    prompts: list[str] = field(default_factory=lambda: ["a red circle moving right"])
-    num_frames: int = 64
-    chunk_frames: Optional[int] = None  # frames per sampled chunk (default: the training clip length)
-    context_frames: int = 4  # k: frames each new chunk is conditioned on
-    method: Literal["reconstruction", "replacement"] = "reconstruction"
-    w_r: float = 2.0  # reconstruction guidance weight (paper: > 1 helps)
-    context_noise: float = 0.0  # σ of the noise put on the latent context (0: exact context)
-    mode: Literal["autoregressive", "hierarchical"] = "autoregressive"
-    frame_skip: int = 4  # hierarchical: keyframes this many frames apart
-    keyframe_model: Optional[str] = None  # hierarchical: a model trained at that frame skip (default: model)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    seed: int = 0
-    batch_size: int = 4  # prompts sampled together
-    decode_chunk_frames: int = 16
-    out_dir: str = "outputs/generate"
-    name: str = ""  # file-name suffix (e.g. the method), default: the method
-    fps: float = 8.0
-    gif: bool = False
-    use_ema: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+from pipelines.core.config import UserError, config_to_dict, save_resolved_config
+from pipelines.core.devices import resolve_device
+from pipelines.core.files import atomic_write_json
+from pipelines.core.visual import save_png, tile, to_uint8
+from pipelines.models.config import SamplingConfig
+from pipelines.models.diffusion import DiffusionBundle, load_diffusion, sample
+from pipelines.stages.configs import GenerateConfig
 
 
 @dataclass
@@ -82,7 +56,8 @@ def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, gene
                    on_chunk: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, list[int]]:
     """Latents ``[b, c, total, h, w]`` (on the CPU) and the indices where each extension chunk starts."""
     if not 0 < plan.context < plan.chunk:
-        raise ValueError(f"context_frames must be between 1 and chunk_frames − 1, got {plan.context}")
+        raise UserError(f"context_frames must be between 1 and chunk_frames − 1 = {plan.chunk - 1}, "
+                        f"got {plan.context}")
     c, _, h, w = bundle.latent_shape
     base, later = bundle.chunk_denoisers(prompts, plan.sampling.guidance)
     shape = (len(prompts), c, plan.chunk, h, w)
@@ -147,7 +122,7 @@ class _Writer:
     @torch.no_grad()
     def write(self, latents: Tensor, path: Path, gif: bool) -> Tensor:
         """Write one video ``latents [c, f, h, w]``; returns its contact-sheet frames ``[3, n, H, W]``."""
-        from pipelines.video_io import VideoWriter, write_gif
+        from pipelines.media.video_io import VideoWriter, write_gif
 
         device = next(self.vae.parameters()).device
         shown, gif_frames = [], []
@@ -173,7 +148,7 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     keyframe_bundle = load_diffusion(cfg.keyframe_model, device, cfg.use_ema) if cfg.keyframe_model else bundle
     vae_path = cfg.autoencoder or bundle.autoencoder
     if not vae_path:
-        raise ValueError("no autoencoder: set autoencoder=PATH (the model does not record one)")
+        raise UserError("no autoencoder: set autoencoder=PATH (the model does not record one)")
     vae = load_autoencoder(vae_path, device=device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +160,7 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     samples, sheets, boundaries, start = [], [], [], time.perf_counter()
-    name = cfg.name or cfg.method
+    name = cfg.name or (cfg.method if cfg.mode == "autoregressive" else f"{cfg.method}_{cfg.mode}")
     batches = [cfg.prompts[i : i + cfg.batch_size] for i in range(0, len(cfg.prompts), cfg.batch_size)]
     chunks = _chunk_count(plan, cfg) * len(batches)
     bar = tqdm(total=chunks, desc=f"generating ({name})", unit="chunk")

@@ -13,30 +13,13 @@ The null conditioning for classifier-free guidance is the embedding of the empty
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-CLIP_VOCAB_SIZE = 49408
-
-
-@dataclass
-class TextConfig:
-    """Which text encoder, and its size."""
-
-    kind: Literal["none", "small", "open_clip"] = "small"
-    width: int = 128  # small: transformer width (= embedding size)
-    layers: int = 2
-    heads: int = 4
-    context_length: int = 16  # small: tokens kept (open_clip uses the model's own, 77)
-    vocab_size: int = CLIP_VOCAB_SIZE  # small: below 49 408 token ids are hashed into this many rows
-    model: str = "ViT-L-14"  # open_clip: architecture
-    pretrained: str = "openai"  # open_clip: a tag in the local cache, or a path to the weights file
-    cache_dir: Optional[str] = None  # open_clip: where tagged weights are looked up
-    use_tokens: bool = False  # also give the U-Net the token embeddings (cross-attention)
+from pipelines.models.config import CLIP_VOCAB_SIZE, TextConfig
 
 
 def tokenize(captions: list[str], context_length: int) -> Tensor:

@@ -21,33 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.core.files import atomic_write_json, atomic_write_text, fsync_directory
+
 LATEST = "latest"
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomic text write (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomic JSON write, pretty-printed."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
@@ -58,7 +34,10 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, m
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as handle:  # on disk before the rename makes it visible
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -163,9 +142,11 @@ def save_checkpoint(
         for name, obj in (json_files or {}).items():
             atomic_write_json(tmp / name, obj)
         atomic_write_json(tmp / "trainer_state.json", {"step": step, **info})
+        fsync_directory(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_directory(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

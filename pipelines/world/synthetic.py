@@ -27,32 +27,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipelines.checkpoint import atomic_write_json, atomic_write_text
-from pipelines.video_io import as_uint8_frames, write_video
+from pipelines.core.files import atomic_write_json, atomic_write_text
+from pipelines.media.video_io import as_uint8_frames, write_video
+from pipelines.world.config import WorldSpec
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 210, 60), "blue": (40, 80, 240), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 COMBOS = tuple(itertools.product(COLOURS, SHAPES, DIRECTIONS))  # 48 (colour, shape, direction)
-MIN_RUN_FRAMES = 3
 SUPERSAMPLE = 4
 WORLD_VERSION = 1  # bump when rendering changes, so make_world re-renders existing folders
 CAPTION = re.compile(rf"^a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) moving ({'|'.join(DIRECTIONS)})$")
-
-
-@dataclass
-class WorldSpec:
-    """Size of the world's clips: ``size x size`` pixels, ``num_frames`` frames at ``fps``; the shape spans
-    ``shape_size * size`` pixels and moves ``min_speed``..``max_speed`` pixels per frame."""
-
-    size: int = 32
-    num_frames: int = 16
-    shape_size: float = 0.3
-    min_speed: float = 1.0
-    max_speed: float = 2.0
-    fps: float = 8.0
-    min_run_frames: int = MIN_RUN_FRAMES  # frames of travel before the first bounce (as far as the frame allows)
-    centre_start_fraction: float = 0.0  # this fraction of clips starts at the centre of the frame
 
 
 @dataclass

@@ -8,46 +8,25 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from diffusion import Denoiser, NoiseSchedule, UNet3D, UNet3DConfig, classifier_free_guidance, get_sampler
-from pipelines.checkpoint import latest_checkpoint
-from pipelines.text import TextConfig, build_text_encoder, conditioning_dims, select
+from pipelines.core.checkpoint import latest_checkpoint
+from pipelines.core.config import UserError
+from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
+from pipelines.models.text import build_text_encoder, conditioning_dims, select
 
 
 @dataclass
-class DiffusionModelConfig:
-    """The network and its noise process (paper §2–3)."""
+class SavedModel:
+    """The sections of a training run's config that rebuild its model (the rest is the run's own business)."""
 
-    unet: UNet3DConfig = field(default_factory=UNet3DConfig)
-    prediction: Literal["eps", "v", "x"] = "eps"
-    weighting: Literal["auto", "eps", "v", "x", "min_snr"] = "auto"
-    min_snr_gamma: float = 5.0
-    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
-    p_uncond: float = 0.1  # classifier-free guidance: probability of training with the null conditioning
-    p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video
-
-
-@dataclass
-class SamplingConfig:
-    """A sampler and its knobs (paper §2): ``ancestral`` (γ), ``ddim`` (η) or ``pc`` (δ, corrections)."""
-
-    sampler: Literal["ancestral", "ddim", "pc"] = "ddim"
-    steps: int = 50
-    guidance: float = 1.0  # classifier-free guidance weight w (0: none)
-    gamma: float = 0.3
-    eta: float = 0.0
-    delta: float = 0.1
-    corrector_steps: int = 1
-
-    def knobs(self) -> dict:
-        """The keyword arguments of the chosen sampler."""
-        return {"ancestral": {"gamma": self.gamma}, "ddim": {"eta": self.eta},
-                "pc": {"gamma": self.gamma, "delta": self.delta, "corrector_steps": self.corrector_steps}}[self.sampler]
+    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -112,7 +91,7 @@ def sample(bundle: DiffusionBundle, denoise, shape: tuple[int, ...], sampling: S
     """Run the configured sampler from ``z_1 ~ N(0, I)`` of ``shape``; ``generator`` lives on the model's device
     and draws every random number, so a seed fixes the result."""
     z = torch.randn(shape, generator=generator, device=generator.device)
-    grid = bundle.model.schedule.grid(sampling.steps).to(z.device)
+    grid = NoiseSchedule.of(bundle.model.schedule).grid(sampling.steps).to(z.device)
     return get_sampler(sampling.sampler)(denoise, z, grid, generator=generator, progress=progress, **sampling.knobs())
 
 
@@ -125,17 +104,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = latest_checkpoint(candidate) if candidate.is_dir() else None
         if found is not None:
             return found
-    raise FileNotFoundError(f"no diffusion checkpoint at {path}: give a training run directory "
+    raise UserError(f"no diffusion checkpoint at {path}: give a training run directory "
                             f"(with checkpoints/) or a checkpoint directory (with trainer_state.json)")
 
 
 def load_diffusion(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> DiffusionBundle:
     """Rebuild the model a diffusion training run saved (EMA weights by default)."""
-    from pipelines.train_diffusion import DiffusionTrainConfig  # the saved config's schema
-
     directory = resolve_checkpoint(path)
     info = json.loads((directory / "trainer_state.json").read_text())
-    cfg = _from_saved(info["config"], DiffusionTrainConfig)
+    cfg = _from_saved({k: info["config"][k] for k in ("model", "text")}, SavedModel)
     text_encoder = build_text_encoder(cfg.text)
     net = UNet3D(cfg.model.unet)
     weights = "ema_unet" if use_ema and (directory / "ema_unet.safetensors").is_file() else "unet"

@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-from pipelines.checkpoint import atomic_write_bytes
+from pipelines.core.files import atomic_write_bytes
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -74,9 +74,8 @@ class LossLog:
     On resume, rows written after the checkpoint's step are dropped so the curve has no duplicated steps.
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, write: bool = True):
+        self.path, self.write = Path(path), write  # write=False: keep rows in memory only (non-main processes)
         self.rows: list[dict[str, float]] = []
         if self.path.is_file() and resume_step is not None:
             with self.path.open() as handle:
@@ -94,6 +93,8 @@ class LossLog:
         return keys
 
     def _rewrite(self) -> None:
+        if not self.write:
+            return
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self._columns())
         writer.writeheader()
@@ -107,6 +108,8 @@ class LossLog:
         self.rows.append(row)
         if new_columns:
             self._rewrite()
+            return
+        if not self.write:
             return
         with self.path.open("a", newline="") as handle:
             csv.DictWriter(handle, fieldnames=self._columns()).writerow(row)

@@ -1,0 +1,407 @@
+"""The one training loop both trainers run, and what it stands on: accelerate set-up, a resumable data order,
+per-step seeding, optimisers with warm-up, checkpoints that hold the full training state, and logging.
+
+A trainer supplies its modules and one or more :class:`Phase` (an optimiser and the loss of a micro-batch);
+:func:`train_loop` does the rest: gradient accumulation through ``accelerator.accumulate`` (DDP synchronises
+only the last micro-batch; accelerate's ``backward`` divides by the number of micro-batches), clipping, skipping
+non-finite steps, EMA, the learning-rate schedule, CSV / PNG / tracker logs, checkpoint and sample cadence,
+resume and timing.
+
+Resumption is exact: the data order is a pure function of ``(seed, epoch)`` and every step reseeds torch from
+``(seed, rank, step)``, so a run killed at any step and resumed from its last checkpoint continues with the same
+batches, noise and dropout it would have drawn. Checkpoints go through :mod:`pipelines.core.checkpoint` (atomic,
+safetensors, no pickles).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from pipelines.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipelines.core.config import ConfigError, OptimConfig, RunConfig, UserError, save_resolved_config
+from pipelines.core.visual import LossLog
+
+
+def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
+    """An ``accelerate.Accelerator`` for the run (device placement, mixed precision, accumulation, processes,
+    trackers). Processes, FSDP and DeepSpeed come from ``accelerate launch`` and its config file."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but CUDA is not available")
+    trackers = {"none": None, "all": "all"}.get(run.report_to, [run.report_to])
+    return Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.grad_accum,
+                       cpu=run.device == "cpu", log_with=trackers, project_dir=run.out_dir,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+
+
+def start_run(accelerator, config: Any, run: RunConfig, name: str) -> Path:
+    """Create the run folder, write the resolved config (main process) and start the trackers."""
+    out = Path(run.out_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(config, out)
+    if run.report_to != "none":
+        from pipelines.core.config import config_to_dict
+
+        accelerator.init_trackers(name, config=_flat_scalars(config_to_dict(config)))
+    return out
+
+
+def _flat_scalars(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Trackers take flat scalar hyper-parameters: ``{"run.lr": 1e-3, ...}`` (lists as strings)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= _flat_scalars(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed for one step of one process, independent of what ran before."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_step(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Reseed torch's global RNG (dropout, CUDA) for this step; returns a generator on ``device`` for the step's
+    own draws (noise levels, noise, conditioning dropout)."""
+    value = step_seed(seed, rank, step)
+    torch.manual_seed(value)
+    return torch.Generator(device).manual_seed(value)
+
+
+class TensorBundle(nn.Module):
+    """Fixed tensors (e.g. the null text embedding) saved and restored with a checkpoint like a module."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        super().__init__()
+        self.tensors = nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
+
+
+class IndexStream:
+    """Batches of dataset indices, epoch after epoch, each epoch a permutation seeded by ``(seed, epoch)``.
+
+    Stateless: the ``k``-th batch of process ``rank`` is a pure function of ``k``, so a resumed run continues
+    the exact order from its step count, whatever a data loader had prefetched. Process ``rank`` of ``world``
+    takes global batches ``rank, rank + world, ...``. Indices are *global*: ``epoch · size + i``, so a dataset
+    wrapped in :class:`EpochView` can draw per-epoch randomness from the index alone.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        if size < 1:
+            raise ValueError("the dataset is empty")
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.per_rank = max(size // (batch_size * world), 1)  # batches per epoch for each process
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(step_seed(self.seed, -1, epoch))
+        order = torch.randperm(self.size, generator=generator)
+        needed = self.per_rank * self.world * self.batch_size
+        return order.repeat(math.ceil(needed / self.size))[:needed]  # tiny datasets repeat to fill a batch
+
+    def batch(self, k: int) -> list[int]:
+        """The ``k``-th batch (0-based) of this process."""
+        epoch, j = divmod(k, self.per_rank)
+        start = (j * self.world + self.rank) * self.batch_size
+        return (self._permutation(epoch)[start : start + self.batch_size] + epoch * self.size).tolist()
+
+    def batches(self, start: int = 0) -> Iterator[list[int]]:
+        """Batches ``start, start + 1, ...`` forever."""
+        k = start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+class EpochView(torch.utils.data.Dataset):
+    """A dataset indexed by global index ``epoch · n + i``: sets the epoch, then returns item ``i``.
+
+    Datasets whose randomness is seeded by ``(seed, epoch, index)`` (``pipelines.media.datasets``) thereby give each
+    epoch new clips while every item stays a pure function of its global index, in any worker process.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        epoch, i = divmod(index, len(self.dataset))
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[i]
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack the tensors of a list of items along a new batch axis; other values become lists."""
+    return {
+        key: torch.stack([item[key] for item in batch])
+        if isinstance(batch[0][key], torch.Tensor)
+        else [item[key] for item in batch]
+        for key in batch[0]
+    }
+
+
+def index_batches(dataset, run: RunConfig, accelerator, start_step: int) -> Iterator[dict]:
+    """This process's batches from optimiser step ``start_step`` on (``grad_accum`` per step), on its device.
+
+    Each batch carries ``slot [b]``: every sample's index in the sequence of all samples of the run, the same
+    whatever the split into processes and micro-batches (per-sample random draws are keyed by it). The order
+    is :class:`IndexStream`'s (a pure function of the seed and the batch number), so a resumed run
+    reads exactly the batches it would have read; data-loader workers prefetch them.
+    """
+    stream = IndexStream(len(dataset), run.batch_size, run.seed, accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(
+        EpochView(dataset), batch_sampler=stream.batches(start_step * run.grad_accum), num_workers=run.num_workers,
+        collate_fn=collate, generator=torch.Generator().manual_seed(run.seed))  # not the global RNG
+    device, size, k = accelerator.device, run.batch_size, start_step * run.grad_accum
+    for batch in loader:
+        batch = {key: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for key, v in batch.items()}
+        first = (k * accelerator.num_processes + accelerator.process_index) * size
+        batch["slot"] = torch.arange(first, first + size)  # each sample's place among all samples of the run
+        k += 1
+        yield batch
+
+
+def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable ``params``."""
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad], lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+    )
+
+
+def lr_factor(step: int, total: int, optim: OptimConfig) -> float:
+    """Multiplier of the base learning rate at ``step``: linear warm-up, then constant or cosine decay."""
+    if optim.warmup_steps and step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, optim: OptimConfig,
+           base: Optional[float] = None) -> float:
+    """Apply :func:`lr_factor` to ``base`` (default ``optim.lr``) in every parameter group; returns the rate."""
+    lr = (optim.lr if base is None else base) * lr_factor(step, total, optim)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+@dataclass
+class TrainingState:
+    """Everything that changes while training and is saved in each checkpoint."""
+
+    modules: dict[str, nn.Module]  # name -> module (weights saved as ``name.safetensors``)
+    optimizers: dict[str, torch.optim.Optimizer]
+    emas: dict[str, Any] = field(default_factory=dict)  # name -> diffusion.ema.EMA
+    step: int = 0
+    seconds: float = 0.0  # training time accumulated over all resumed runs
+    skipped_steps: int = 0  # steps skipped for a non-finite loss
+
+    def save(self, accelerator, root: Path, config: dict, keep: int, json_files: Optional[dict] = None,
+             info: Optional[dict] = None) -> Optional[Path]:
+        """Write a checkpoint (main process only, after all processes reach this point); ``info`` joins the
+        checkpoint's ``trainer_state.json`` before the checkpoint is renamed into place."""
+        accelerator.wait_for_everyone()
+        modules = {name: accelerator.get_state_dict(m) for name, m in self.modules.items()}  # every rank: FSDP
+        if not accelerator.is_main_process:
+            return None
+        modules.update({f"ema_{name}": ema.state_dict() for name, ema in self.emas.items()})
+        states = {f"optimizer_{name}": opt.state_dict() for name, opt in self.optimizers.items()}
+        if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
+            states["grad_scaler"] = accelerator.scaler.state_dict()
+        meta = {
+            "config": config,
+            "seconds": self.seconds,
+            "skipped_steps": self.skipped_steps,
+            "ema_updates": {name: ema.num_updates for name, ema in self.emas.items()},
+            **(info or {}),
+        }
+        return save_checkpoint(root, self.step, modules, states, meta, keep=keep, json_files=json_files)
+
+    def restore(self, directory: Path, accelerator=None) -> dict:
+        """Load a checkpoint written by :meth:`save` into the live objects; returns its ``trainer_state``."""
+        modules, states, info = load_checkpoint(directory)
+        for name, module in self.modules.items():
+            _unwrap(module).load_state_dict(modules[name])
+        for name, ema in self.emas.items():
+            ema.load_state_dict(modules[f"ema_{name}"], info["ema_updates"][name])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(states[f"optimizer_{name}"])
+        if accelerator is not None and accelerator.scaler is not None and "grad_scaler" in states:
+            accelerator.scaler.load_state_dict(states["grad_scaler"])
+        self.step, self.seconds = int(info["step"]), float(info.get("seconds", 0.0))
+        self.skipped_steps = int(info.get("skipped_steps", 0))
+        return info
+
+    def maybe_resume(self, root: Path, enabled: bool, log=print, config: Optional[dict] = None,
+                     must_match: tuple[str, ...] = (), accelerator=None) -> bool:
+        """Resume from ``root``'s latest checkpoint when there is one and ``enabled``. The sections
+        ``must_match`` of the saved config (what defines the model) must equal ``config``'s: a run never silently
+        continues a different model."""
+        found = latest_checkpoint(root) if enabled else None
+        if found is None:
+            return False
+        if config is not None:
+            saved = load_checkpoint_info(found).get("config", {})
+            changed = _differences({k: saved.get(k) for k in must_match}, {k: config.get(k) for k in must_match})
+            if changed:
+                raise ConfigError(f"{', '.join(changed[:5])}: differ from the checkpoint in {found}; use another "
+                                  f"run.out_dir or run.resume=false to start over")
+        self.restore(found, accelerator)
+        log(f"resumed from {found} (step {self.step})")
+        return True
+
+
+def load_checkpoint_info(directory: Path) -> dict:
+    """A checkpoint's ``trainer_state.json``."""
+    import json
+
+    return json.loads((Path(directory) / "trainer_state.json").read_text())
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+@dataclass
+class Phase:
+    """One optimiser of a training step and the loss that trains it.
+
+    ``loss(batch, generator) -> (scalar loss, {name: float})`` runs on one micro-batch; ``modules`` are the
+    prepared modules whose gradients accumulate over micro-batches (DDP's ``no_sync``); ``active(step)`` says
+    whether the phase runs at a step (the discriminator starts late); ``lr`` is the phase's base learning rate.
+    """
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    modules: tuple[nn.Module, ...]
+    loss: Callable[[Any, torch.Generator], tuple[Tensor, dict[str, float]]]
+    lr: float
+    active: Callable[[int], bool] = lambda step: True
+
+
+def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generator, optim: OptimConfig,
+               logs: dict[str, list[float]]) -> bool:
+    """Accumulate the phase's gradients over the micro-batches and step its optimiser; ``False`` (and no step)
+    when a loss on any process is not finite."""
+    phase.optimizer.zero_grad(set_to_none=True)  # also drops gradients another phase's loss left here
+    finite = torch.ones((), device=accelerator.device)
+    for batch in micro:
+        with accelerator.accumulate(*phase.modules):
+            with accelerator.autocast():
+                loss, items = phase.loss(batch, generator)
+            finite = finite * torch.isfinite(loss.detach()).float()
+            accelerator.backward(loss)  # divides by grad_accum; DDP all-reduces on the last micro-batch only
+        for key, value in items.items():
+            logs[key].append(value)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    if float(finite) < 1:
+        phase.optimizer.zero_grad(set_to_none=True)
+        return False
+    if optim.max_grad_norm > 0:
+        accelerator.clip_grad_norm_([p for m in phase.modules for p in m.parameters()], optim.max_grad_norm)
+    phase.optimizer.step()
+    phase.optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingState, batches: Iterator,
+               phases: list[Phase], *, desc: str, checkpoint: Callable[[], None],
+               sample: Optional[Callable[[int], None]] = None, plot_keys: Optional[list[str]] = None) -> LossLog:
+    """Train ``state`` from its step to ``run.steps``; returns the loss log (every process keeps its rows,
+    only the main process writes ``loss.csv`` / ``loss.png``).
+
+    Each step draws ``grad_accum`` micro-batches, runs every active phase over them, updates the EMAs, logs the
+    mean of each logged value since the last row, and checkpoints every ``checkpoint_every`` steps and at the
+    end. A step whose loss is not finite is skipped and counted; ``max_bad_steps`` in a row stop the run with
+    the last checkpoint intact.
+    """
+    out = Path(run.out_dir)
+    losses = LossLog(out / "loss.csv", resume_step=state.step, write=accelerator.is_main_process)
+    timer, window, bad = Timer(state), defaultdict(list), 0
+    bar = tqdm(total=run.steps, initial=state.step, desc=desc, disable=not accelerator.is_main_process)
+    while state.step < run.steps:
+        generator = seed_step(run.seed, accelerator.process_index, state.step, accelerator.device)
+        micro = [next(batches) for _ in range(run.grad_accum)]
+        lrs, ok = {}, True
+        for phase in phases:
+            if phase.active(state.step):
+                lrs[f"lr_{phase.name}"] = set_lr(phase.optimizer, state.step, run.steps, optim, phase.lr)
+                ok = _run_phase(phase, micro, accelerator, generator, optim, window) and ok
+        bad = 0 if ok else bad + 1
+        state.skipped_steps += 0 if ok else 1
+        if bad >= run.max_bad_steps:
+            raise UserError(f"{bad} non-finite losses in a row up to step {state.step}: stopped (lower optim.lr or "
+                            f"use mixed_precision=no); the last checkpoint in {out / 'checkpoints'} is intact")
+        for name, ema in state.emas.items():
+            ema.update(state.modules[name])
+        state.step += 1
+        bar.update(1)
+        if state.step % run.log_every == 0 or state.step == run.steps:
+            row = {k: sum(v) / len(v) for k, v in window.items() if v} | lrs | {"skipped_steps": state.skipped_steps}
+            losses.append(state.step, **row)
+            accelerator.log(row, step=state.step)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in list(row.items())[:2]})
+            window.clear()
+        periodic = bool(run.sample_every) and state.step % run.sample_every == 0
+        if state.step % run.checkpoint_every == 0 or state.step == run.steps or periodic:
+            timer.pause()
+            if state.step % run.checkpoint_every == 0 or state.step == run.steps:
+                checkpoint()
+            if sample is not None and (periodic or state.step == run.steps):
+                sample(state.step)
+            timer.resume()
+    bar.close()
+    timer.pause()
+    if accelerator.is_main_process and losses.rows:
+        losses.plot(out / "loss.png", plot_keys, desc)
+    return losses
+
+
+def finish_run(accelerator) -> None:
+    """Wait for every process, close the trackers, tear down the process group."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside a DDP/compile wrapper."""
+    while hasattr(module, "module"):
+        module = module.module
+    return getattr(module, "_orig_mod", module)
+
+
+class Timer:
+    """Wall-clock seconds of training, excluding checkpoints and sampling, added to the state."""
+
+    def __init__(self, state: TrainingState):
+        self.state, self.start = state, time.perf_counter()
+
+    def pause(self) -> None:
+        self.state.seconds += time.perf_counter() - self.start
+
+    def resume(self) -> None:
+        self.start = time.perf_counter()

@@ -1,0 +1,52 @@
+"""Typed configs of the media layer, importable without torch: how clips are cut from videos and which frames
+the autoencoder trains and is evaluated on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class ClipSpec:
+    """Which frames make a clip and how they are resized.
+
+    ``frame_stride`` frames apart, or, when ``target_fps`` is set, ``round(video_fps / target_fps)`` apart
+    (at least 1) for each video. A clip spans ``(num_frames - 1) * stride + 1`` frames and starts at a
+    random frame, the first, or the one that centres it. Frames are resized (short side first, antialiased
+    bilinear) to cover ``size`` (an int for squares; Python callers may pass ``(h, w)``) and cropped at the
+    centre or at random.
+    """
+
+    num_frames: int = 16  # frames per clip
+    frame_stride: int = 1  # source frames between two clip frames (when target_fps is not set)
+    target_fps: Optional[float] = None  # pick the stride per video so clips play at about this rate
+    size: Any = 64  # side of the square frames (pixels)
+    start: Literal["random", "first", "center"] = "random"  # where in the video the clip starts
+    crop: Literal["center", "random"] = "center"
+
+    def __post_init__(self):
+        if self.start not in ("random", "first", "center") or self.crop not in ("center", "random"):
+            raise ValueError(f"start must be random, first or center and crop center or random, "
+                             f"got {self.start!r}, {self.crop!r}")
+        if self.num_frames < 1 or self.frame_stride < 1:
+            raise ValueError("num_frames and frame_stride must be at least 1")
+
+
+@dataclass
+class FramesConfig:
+    """Single frames of the videos (and images) under ``roots``; files are split by hash into training and
+    held-out evaluation files (the same split wherever these settings are the same)."""
+
+    roots: list[str] = field(default_factory=lambda: ["data/videos"])  # folders of videos and/or images
+    size: int = 64  # side of the square frames (pixels)
+    frames_per_video: int = 8  # items per file and epoch
+    eval_fraction: float = 0.1  # share of files held out (by hash of their path)
+    crop: Literal["center", "random"] = "random"  # training crops (evaluation always crops the centre)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.size < 8 or self.frames_per_video < 1:
+            raise ValueError(f"size must be at least 8 and frames_per_video at least 1, got {self.size}, "
+                             f"{self.frames_per_video}")

@@ -1,0 +1,70 @@
+"""Typed configs of the model bundle, importable without torch: the text encoder, the diffusion model (network,
+parameterisation, schedule, conditioning dropout) and the sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from diffusion.config import ScheduleConfig, UNet3DConfig
+
+CLIP_VOCAB_SIZE = 49408
+
+
+@dataclass
+class TextConfig:
+    """Which text encoder, and its size."""
+
+    kind: Literal["none", "small", "open_clip"] = "small"  # small: trained with the U-Net; open_clip: frozen CLIP
+    width: int = 128  # small: transformer width (= embedding size)
+    layers: int = 2  # small: transformer layers
+    heads: int = 4  # small: attention heads
+    context_length: int = 16  # small: tokens kept (open_clip uses the model's own, 77)
+    vocab_size: int = CLIP_VOCAB_SIZE  # small: below 49 408 token ids are hashed into this many rows
+    model: str = "ViT-L-14"  # open_clip: architecture
+    pretrained: str = "openai"  # open_clip: a tag in the local cache, or a path to the weights file
+    cache_dir: Optional[str] = None  # open_clip: where tagged weights are looked up
+    use_tokens: bool = False  # also give the U-Net the token embeddings (cross-attention)
+
+
+@dataclass
+class DiffusionModelConfig:
+    """The network and its noise process (paper §2–3)."""
+
+    unet: UNet3DConfig = field(default_factory=UNet3DConfig)
+    prediction: Literal["eps", "v", "x"] = "eps"  # what the raw network predicts (paper §2)
+    weighting: Literal["auto", "eps", "v", "x", "min_snr"] = "auto"  # w(λ) of the x̂-MSE; auto: the prediction's
+    min_snr_gamma: float = 5.0  # min_snr weighting: min(e^λ, γ)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    p_uncond: float = 0.1  # classifier-free guidance: probability of training with the null conditioning
+    p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video
+
+    def __post_init__(self) -> None:
+        for name in ("p_uncond", "p_unknown_start"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass
+class SamplingConfig:
+    """A sampler and its knobs (paper §2): ``ancestral`` (γ), ``ddim`` (η) or ``pc`` (δ, corrections)."""
+
+    sampler: Literal["ancestral", "ddim", "pc"] = "ddim"  # pc: ancestral steps, each followed by Langevin ones
+    steps: int = 50  # denoising steps from t = 1 to t = 0
+    guidance: float = 1.0  # classifier-free guidance weight w (0: the conditional model alone)
+    gamma: float = 0.3  # ancestral / pc: variance interpolation γ (paper: 0.3 for text-to-video)
+    eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral-like
+    delta: float = 0.1  # pc: Langevin step size δ
+    corrector_steps: int = 1  # pc: corrections per step
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.corrector_steps < 0:
+            raise ValueError(f"steps must be at least 1 and corrector_steps at least 0, got {self.steps}, "
+                             f"{self.corrector_steps}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be at least 0 (0: no guidance), got {self.guidance}")
+
+    def knobs(self) -> dict:
+        """The keyword arguments of the chosen sampler."""
+        return {"ancestral": {"gamma": self.gamma}, "ddim": {"eta": self.eta},
+                "pc": {"gamma": self.gamma, "delta": self.delta, "corrector_steps": self.corrector_steps}}[self.sampler]

@@ -1,0 +1,153 @@
+"""Every stage's config, declared once and importable without torch, so each script's ``--help`` answers at once.
+
+A stage config composes the configs of the layers below it (``RunConfig``, ``OptimConfig``, ``ClipSpec``,
+``FramesConfig``, ``TextConfig``, ``DiffusionModelConfig``, ``SamplingConfig``, ``AutoencoderConfig``, ...);
+the comment after each field is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
+from pipelines.core.config import Device, OptimConfig, RunConfig
+from pipelines.media.config import ClipSpec, FramesConfig
+from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
+
+
+def _cpu_autoencoder() -> AutoencoderConfig:
+    return AutoencoderConfig(base_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1, norm_groups=8)
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    """Stage 1, ``scripts/train_autoencoder.py``: the per-frame KL autoencoder (LDM's recipe)."""
+
+    model: AutoencoderConfig = field(default_factory=_cpu_autoencoder)
+    init_from: Optional[str] = None  # start from a VAE on disk (any layout load_autoencoder reads)
+    data: FramesConfig = field(default_factory=FramesConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    disc_lr: Optional[float] = None  # the discriminator's learning rate (default: optim.lr)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, betas=[0.5, 0.9], max_grad_norm=0.0))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="outputs/autoencoder"))
+    eval_frames: int = 256  # held-out frames for PSNR / SSIM
+    scale_frames: int = 256  # training frames for the latent scale (1 / std)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
+
+
+@dataclass
+class EncodeConfig:
+    """Latents, ``scripts/encode_latents.py``: clips → scaled latents, captions and frozen text embeddings in
+    safetensors shards (resumable)."""
+
+    autoencoder: str = "outputs/autoencoder/model"  # our model folder, a diffusers VAE folder or an LDM/SD file
+    videos: list[str] = field(default_factory=lambda: ["data/videos"])  # folders of videos
+    captions: Optional[str] = None  # a CSV / JSONL manifest; default: captions.jsonl / .csv in the folder
+    out_dir: str = "outputs/latents"
+    clip: ClipSpec = field(default_factory=lambda: ClipSpec(start="first"))
+    clips_per_video: int = 1  # several clips of a long video (each with its own seeded random start)
+    videos_per_shard: int = 256
+    batch_size: int = 8  # clips per autoencoder batch
+    chunk_frames: int = 16  # frames per autoencoder call
+    sample_posterior: bool = False  # store a posterior sample instead of its mean
+    text: TextConfig = field(default_factory=lambda: TextConfig(kind="none"))  # frozen encoders only
+    store_tokens: bool = False  # also store the token embeddings (for cross-attention)
+    seed: int = 0
+    num_workers: int = 0  # data-loader worker processes
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("clips_per_video", "videos_per_shard", "batch_size", "chunk_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DiffusionDataConfig:
+    """Training clips: latent shards (``latents``) or, without them, videos encoded on the fly."""
+
+    latents: Optional[str] = "outputs/latents"  # a folder written by scripts/encode_latents.py
+    videos: list[str] = field(default_factory=list)  # used when latents is null: videos encoded on the fly
+    captions: Optional[str] = None  # captions manifest for those videos
+    autoencoder: Optional[str] = None  # for on-the-fly encoding and sample videos (default: the shards')
+    clip: ClipSpec = field(default_factory=ClipSpec)  # on-the-fly clips
+    num_frames: int = 16  # frames per training clip: a random window of each cached clip
+    images_per_video: int = 0  # joint image–video training: independent images appended to each clip
+    images: list[str] = field(default_factory=list)  # image folders to draw them from (default: other frames
+    # of the same clip)
+    image_captions: Optional[str] = None  # a captions manifest for the image folders
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1 or self.images_per_video < 0:
+            raise ValueError(f"num_frames must be at least 1 and images_per_video at least 0, got "
+                             f"{self.num_frames}, {self.images_per_video}")
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """Stage 2, ``scripts/train_diffusion.py``: the space-time U-Net on latent clips."""
+
+    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DiffusionDataConfig = field(default_factory=DiffusionDataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, betas=[0.9, 0.99], warmup_steps=100))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out_dir="outputs/diffusion", ema_decay=0.9999))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # for the sample sheets during training
+    sample_prompts: list[str] = field(default_factory=list)  # prompts of the sample sheets
+
+
+@dataclass
+class GenerateConfig:
+    """Long videos, ``scripts/generate.py``: a first chunk from noise, then extension conditioned on the last
+    frames (paper §3.1), or keyframes first and the frames between them after."""
+
+    model: str = "outputs/diffusion"  # a diffusion training run (or one of its checkpoints)
+    autoencoder: Optional[str] = None  # default: the VAE the model was trained with
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving right"])
+    num_frames: int = 64  # frames of each video
+    chunk_frames: Optional[int] = None  # frames per sampled chunk (default: the training clip length)
+    context_frames: int = 4  # k: frames each new chunk is conditioned on
+    method: Literal["reconstruction", "replacement"] = "reconstruction"  # paper §3.1: guidance, or imputation
+    w_r: float = 2.0  # reconstruction guidance weight (paper: > 1 helps)
+    context_noise: float = 0.0  # σ of the noise put on the latent context (0: exact context)
+    mode: Literal["autoregressive", "hierarchical"] = "autoregressive"
+    frame_skip: int = 4  # hierarchical: keyframes this many frames apart
+    keyframe_model: Optional[str] = None  # hierarchical: a model trained at that frame skip (default: model)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seed: int = 0
+    batch_size: int = 4  # prompts sampled together
+    decode_chunk_frames: int = 16  # frames per autoencoder decode call (memory stays flat in the length)
+    out_dir: str = "outputs/generate"
+    name: str = ""  # file-name suffix, default: the method (and the mode when hierarchical)
+    fps: float = 8.0
+    gif: bool = False  # also write a .gif beside each .mp4
+    use_ema: bool = True  # sample with the EMA weights
+    device: Device = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("prompts must list at least one prompt")
+        for name in ("num_frames", "context_frames", "frame_skip", "batch_size", "decode_chunk_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.context_noise < 1:
+            raise ValueError(f"context_noise must be in [0, 1), got {self.context_noise}")
+        if self.chunk_frames is not None and not 0 < self.context_frames < self.chunk_frames:
+            raise ValueError(f"context_frames must be between 1 and chunk_frames − 1 = {self.chunk_frames - 1}, "
+                             f"got {self.context_frames}")
+        if self.w_r < 0 or self.fps <= 0:
+            raise ValueError(f"w_r must be at least 0 and fps positive, got {self.w_r}, {self.fps}")
+
+
+@dataclass
+class EvaluateAutoencoderConfig:
+    """``scripts/evaluate_autoencoder.py``: PSNR, SSIM (and LPIPS) of any autoencoder on held-out frames."""
+
+    autoencoder: str = "outputs/autoencoder/model"  # our model folder, a diffusers VAE folder or an LDM/SD file
+    data: FramesConfig = field(default_factory=FramesConfig)  # the same settings give training's split
+    split: Literal["eval", "train", "all"] = "eval"  # the hash split's held-out files, its training files, or all
+    frames: int = 256  # frames scored
+    lpips_net: Literal["alex", "vgg"] = "alex"  # LPIPS backbone (scored only when its weights are present)
+    out: str = "outputs/autoencoder/eval_external.json"
+    device: Device = "auto"

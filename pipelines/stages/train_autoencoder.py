@@ -1,0 +1,152 @@
+"""Stage 1 training: the per-frame KL autoencoder (LDM's recipe: L1 + LPIPS + KL + PatchGAN).
+
+``train_autoencoder(config)`` is what ``scripts/train_autoencoder.py`` runs. A run directory holds
+``config.yaml``, ``checkpoints/`` (full training state; each checkpoint is itself a loadable model directory),
+``model/`` (the final weights, EMA when enabled, with the estimated latent scale), ``loss.csv`` / ``loss.png``,
+reconstruction grids in ``samples/`` and ``eval.json`` (PSNR, SSIM and, when its weights exist, LPIPS on
+held-out frames).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from autoencoder import (
+    CLASS_NAME,
+    AutoencoderConfig,
+    AutoencoderKL,
+    AutoencoderLoss,
+    estimate_latent_scale,
+    load_autoencoder,
+    save_autoencoder,
+)
+from diffusion import EMA
+from pipelines.core.config import config_to_dict
+from pipelines.core.files import atomic_write_json
+from pipelines.core.loop import (
+    Phase,
+    TrainingState,
+    finish_run,
+    index_batches,
+    make_accelerator,
+    make_optimizer,
+    start_run,
+    train_loop,
+)
+from pipelines.core.visual import save_image_grid
+from pipelines.evaluation.reconstruction import eval_lpips, evaluate, fixed_frames, held_out_frames
+from pipelines.media.datasets import FrameDataset
+from pipelines.stages.configs import AutoencoderTrainConfig
+
+
+class AutoencoderObjective(nn.Module):
+    """The VAE and its loss (learned log-variance, discriminator, frozen LPIPS) as one module, so data
+    parallelism wraps all of it and every trained parameter, ``logvar`` included, is all-reduced."""
+
+    def __init__(self, vae: AutoencoderKL, loss: AutoencoderLoss):
+        super().__init__()
+        self.vae, self.loss = vae, loss
+
+    def forward(self, batch: dict, step: int, phase: str) -> tuple[Tensor, dict[str, float]]:
+        """``generator``: the VAE's loss on ``batch["image"]`` (keeps the reconstruction for the discriminator);
+        ``discriminator``: the PatchGAN's loss on that pair."""
+        x = batch["image"]
+        if phase == "generator":
+            recon, posterior = self.vae(x)
+            batch["recon"] = recon.detach()
+            return self.loss(x, recon, posterior, 0, step, last_layer=self.vae.last_layer)
+        loss, logs = self.loss(x, batch["recon"], None, 1, step)
+        return loss, {k: v for k, v in logs.items() if k != "disc_factor"}
+
+
+def build_models(cfg: AutoencoderTrainConfig) -> tuple[AutoencoderKL, AutoencoderLoss]:
+    """The VAE (fresh or from ``init_from``) and its loss module (discriminator, learned log-variance, LPIPS)."""
+    vae = load_autoencoder(cfg.init_from).train() if cfg.init_from else AutoencoderKL(cfg.model)
+    vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    return vae, AutoencoderLoss(cfg.loss, in_channels=vae.config.in_channels)
+
+
+def model_json(config: AutoencoderConfig) -> dict:
+    """The ``config.json`` that makes a directory loadable by ``load_autoencoder``."""
+    return {"_class_name": CLASS_NAME, **dataclasses.asdict(config)}
+
+
+def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
+    """Train (or resume) the autoencoder; returns the evaluation summary written to ``eval.json``."""
+    accelerator = make_accelerator(cfg.run, find_unused_parameters=True)  # the phases use different parameters
+    out = start_run(accelerator, cfg, cfg.run, "autoencoder")
+    data = cfg.data
+    train_set = FrameDataset(data.roots, data.size, data.frames_per_video, "train", data.eval_fraction, data.crop,
+                             seed=cfg.run.seed)
+    held_out, held_out_source = held_out_frames(data, cfg.eval_frames, cfg.run.seed + 1)  # checked before training
+    scale_frames = fixed_frames(train_set, cfg.scale_frames)
+    torch.manual_seed(cfg.run.seed)  # initial weights are a function of the seed
+    objective = AutoencoderObjective(*build_models(cfg))
+    opt_g = make_optimizer(list(objective.vae.parameters()) + [objective.loss.logvar], cfg.optim)
+    opt_d = make_optimizer(objective.loss.discriminator.parameters(), cfg.optim)
+    objective, opt_g, opt_d = accelerator.prepare(objective, opt_g, opt_d)
+    raw = accelerator.unwrap_model(objective)
+    emas = {"model": EMA(raw.vae, cfg.run.ema_decay)} if cfg.run.ema_decay > 0 else {}
+    state = TrainingState({"model": raw.vae, "discriminator": raw.loss.discriminator,
+                           "loss_logvar": nn.ParameterDict({"logvar": raw.loss.logvar})},
+                          {"generator": opt_g, "discriminator": opt_d}, emas)
+    state.maybe_resume(out / "checkpoints", cfg.run.resume, log, config_to_dict(cfg), ("model", "loss"), accelerator)
+
+    def loss(phase: str):
+        return lambda batch, generator: objective(batch, state.step, phase)
+
+    def checkpoint() -> None:
+        config = _with_scale(raw.vae, scale_frames)
+        state.save(accelerator, out / "checkpoints", config_to_dict(cfg), cfg.run.keep_checkpoints,
+                   json_files={"config.json": model_json(config)})
+
+    phases = [Phase("generator", opt_g, (objective,), loss("generator"), cfg.optim.lr),
+              Phase("discriminator", opt_d, (objective,), loss("discriminator"), cfg.disc_lr or cfg.optim.lr,
+                    active=lambda step: step >= cfg.loss.disc_start)]
+    batches = index_batches(train_set, cfg.run, accelerator, state.step)
+    train_loop(cfg.run, cfg.optim, accelerator, state, batches, phases, desc="autoencoder", checkpoint=checkpoint,
+               plot_keys=["rec_loss", "kl_loss", "g_loss", "disc_loss"])
+    summary = {}
+    if accelerator.is_main_process:
+        summary = _export(cfg, raw.vae, emas, scale_frames, held_out, out, log)
+        summary |= {"steps": state.step, "seconds": round(state.seconds, 2), "held_out": held_out_source}
+        atomic_write_json(out / "eval.json", summary)
+        log(f"autoencoder: {json.dumps(summary)}")
+        if train_set.skipped:
+            log(train_set.summary())
+    finish_run(accelerator)
+    return summary
+
+
+def _with_scale(vae: AutoencoderKL, frames: torch.Tensor) -> AutoencoderConfig:
+    """The VAE's config with the latent scale re-estimated as 1 / std of its latents (LDM's scale-by-std)."""
+    was_training = vae.training
+    vae.eval()
+    with torch.no_grad():
+        scale = estimate_latent_scale(vae, frames.to(next(vae.parameters()).device))
+    vae.train(was_training)
+    return dataclasses.replace(vae.config, latent_scale=float(scale))
+
+
+def _export(cfg: AutoencoderTrainConfig, vae: AutoencoderKL, emas: dict, scale_frames: Tensor, held_out: Tensor,
+            out: Path, log) -> dict:
+    """Save the final (EMA) weights with their latent scale as ``model/``, score them on the held-out frames,
+    draw inputs above reconstructions."""
+    final = AutoencoderKL(vae.config).to(next(vae.parameters()).device)
+    final.load_state_dict(vae.state_dict())
+    if emas:
+        emas["model"].copy_to(final)
+    final.eval()
+    final.config = _with_scale(final, scale_frames)
+    save_autoencoder(final, out / "model")
+    summary = evaluate(final, held_out, lpips_model=eval_lpips(cfg.loss.lpips_net))
+    with torch.no_grad():
+        shown = held_out[:8].to(next(final.parameters()).device)
+        recon = final.decode(final.encode(shown).mean).clamp(-1, 1)
+    save_image_grid(torch.cat([shown, recon]).cpu(), out / "samples" / "reconstructions.png", columns=8)
+    return summary | {"latent_scale": final.config.latent_scale}

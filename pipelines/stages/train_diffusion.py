@@ -1,0 +1,306 @@
+"""Stage 2 training: the space-time U-Net on cached latent clips (or on videos encoded on the fly).
+
+``train_diffusion(config)`` is what ``scripts/train_diffusion.py`` runs, on the shared loop of
+:mod:`pipelines.core.loop` (processes, bf16, gradient accumulation, EMA, checkpoints, resume). This module adds
+what is the diffusion model's own: where clips come from, joint image–video batches (paper §3), conditioning
+dropout for classifier-free guidance, frame-position policy, and sample videos.
+
+Every random draw of a training sample (its window, appended frames, noise level, noise, conditioning dropout,
+hidden start) comes from a generator keyed by the run's seed and the sample's *slot*, its place in the sequence
+of all samples of the run. A slot does not depend on how the global batch is split into processes and
+micro-batches, so one process at batch 8, two at batch 4 and one at batch 4 with ``grad_accum=2`` train the same
+model (up to floating-point reduction order). Network dropout is the one exception: it draws from torch's global
+generator, reseeded per step and process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from autoencoder import decode_video, encode_video, load_autoencoder
+from diffusion import EMA, Denoiser, NoiseSchedule, UNet3D, diffusion_loss
+from pipelines.core.config import ConfigError, UserError, config_to_dict
+from pipelines.core.files import atomic_write_json
+from pipelines.core.loop import (
+    Phase,
+    TensorBundle,
+    TrainingState,
+    finish_run,
+    index_batches,
+    make_accelerator,
+    make_optimizer,
+    start_run,
+    step_seed,
+    train_loop,
+)
+from pipelines.core.visual import save_contact_sheet
+from pipelines.latents.shards import LatentDataset
+from pipelines.media.datasets import ImageDataset, VideoClipDataset
+from pipelines.models.conditioning import TextConditioning
+from pipelines.models.diffusion import DiffusionBundle, build_unet_config, sample
+from pipelines.models.text import build_text_encoder
+from pipelines.stages.configs import DiffusionDataConfig, DiffusionTrainConfig
+
+
+class SampleDraws:
+    """The random draws of a micro-batch, one generator per sample keyed by ``(seed, slot)``.
+
+    ``slot = step · N + position`` for a global batch of ``N`` samples, so draws are the same whichever process
+    and micro-batch a sample lands in. Noise levels are stratified over the *global* batch (paper §2 samples
+    ``t ~ U[0, 1]``; stratifying lowers the variance): ``t = (π(position) + u) / N`` with one permutation ``π`` per
+    step, the same on every process.
+    """
+
+    def __init__(self, seed: int, slots: Tensor, global_batch: int, device: torch.device):
+        self.slots, self.global_batch, self.device, self.seed = slots.tolist(), global_batch, device, seed
+        self.generators = [torch.Generator(device).manual_seed(step_seed(seed, -2, s)) for s in self.slots]
+
+    def uniform(self) -> Tensor:
+        """One U[0, 1) draw per sample: ``[b]``."""
+        return torch.stack([torch.rand((), generator=g, device=self.device) for g in self.generators])
+
+    def integers(self, high: int, count: int = 1) -> Tensor:
+        """``count`` integers in ``[0, high)`` per sample: ``[b, count]``."""
+        return torch.stack([torch.randint(0, high, (count,), generator=g, device=self.device)
+                            for g in self.generators])
+
+    def normal(self, shape: tuple[int, ...]) -> Tensor:
+        """Standard normal noise ``[b, *shape]``."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
+
+    def times(self) -> Tensor:
+        """Stratified diffusion times ``[b]`` in [0, 1]."""
+        step = self.slots[0] // self.global_batch
+        order = torch.Generator(self.device).manual_seed(step_seed(self.seed, -3, step))
+        strata = torch.randperm(self.global_batch, generator=order, device=self.device)
+        position = torch.tensor([s % self.global_batch for s in self.slots], device=self.device)
+        return (strata[position] + self.uniform()) / self.global_batch
+
+
+class DiffusionObjective(nn.Module):
+    """The per-sample loss ``[b]`` of latent clips (EDM-short: the policies are the functions it calls), as one
+    module so data parallelism wraps the U-Net and a trainable text encoder together."""
+
+    def __init__(self, denoiser: Denoiser, text: TextConditioning, schedule: NoiseSchedule, model_cfg):
+        super().__init__()
+        self.denoiser, self.text, self.schedule, self.m = denoiser, text, schedule, model_cfg
+
+    def forward(self, latents: Tensor, batch: dict, draws: SampleDraws, num_images: int) -> Tensor:
+        conditioning, null = per_frame_conditioning(self.text, batch, latents.shape[2] - num_images)
+        extra = {"video_start": video_start(batch, draws, self.m.p_unknown_start)} if self.m.unet.frame_positions \
+            else {}
+        return diffusion_loss(self.denoiser, latents, self.schedule, conditioning, null, self.m.p_uncond,
+                              self.m.weighting, self.m.min_snr_gamma, t=draws.times(),
+                              noise=draws.normal(tuple(latents.shape[1:])), drop_uniform=draws.uniform(),
+                              num_images=num_images, **extra)
+
+
+def per_frame_conditioning(text: TextConditioning, batch: dict, frames: int) -> tuple[dict, Optional[dict]]:
+    """(conditioning, null) for the U-Net: per sample, or per frame ``[b, f + m, ...]`` when the batch carries
+    ``m`` appended images with captions of their own (``image_caption``: b lists of m)."""
+    captions = list(batch["caption"])
+    image_captions = [c for row in batch.get("image_caption", []) for c in row]
+    cached = batch.get("cached_text")
+    if cached is not None and image_captions:  # shards hold the videos' embeddings; images are encoded now
+        images, null = text(image_captions)
+        emb = {k: torch.cat([v, images[k].to(v.dtype)]) for k, v in cached.items() if k in images}
+    else:
+        emb, null = text(captions + image_captions, cached)
+    b = len(captions)
+    video = {k: v[:b] for k, v in emb.items()}
+    if not image_captions or not video:
+        return video, null
+    m = len(image_captions) // b
+    return {k: torch.cat([video[k][:, None].expand(b, frames, *v.shape[1:]),
+                          emb[k][b : b + b * m].reshape(b, m, *v.shape[1:])], dim=1)
+            for k, v in video.items()}, null
+
+
+def video_start(batch: dict, draws: SampleDraws, p_unknown_start: float) -> Tensor:
+    """Which clips the U-Net is told start their video (frame-position embeddings): those whose window begins
+    at frame 0 of the *source video* (not of the cached clip), each kept with probability ``1 − p_unknown_start``,
+    so one network also learns the position-free mode that extension chunks are sampled in."""
+    starts = batch["source_start"].to(draws.device)
+    return (starts == 0) & (draws.uniform() >= p_unknown_start)
+
+
+def crop_and_append(latents: Tensor, num_frames: int, images: int, draws: SampleDraws) -> tuple[Tensor, Tensor]:
+    """A random window of ``num_frames`` frames of each clip ``[b, c, F, h, w]``, then ``images`` random frames of
+    the same clip appended as independent images (paper §3, joint training): ``[b, c, num_frames + images, h, w]``,
+    and each window's first frame within the clip ``[b]``."""
+    b, _, f = latents.shape[:3]
+    if f < num_frames:
+        raise ConfigError(f"data.num_frames: the data has {f}-frame clips, fewer than data.num_frames={num_frames}")
+    first = draws.integers(f - num_frames + 1)[:, 0].to(latents.device)
+    window = first[:, None] + torch.arange(num_frames, device=latents.device)  # [b, num_frames]
+    if images:
+        window = torch.cat([window, draws.integers(f, images).to(latents.device)], dim=1)
+    index = window[:, None, :, None, None].expand(-1, latents.shape[1], -1, *latents.shape[3:])
+    return latents.gather(2, index), first
+
+
+class _Source:
+    """Where training clips come from: latent shards, or videos encoded on the fly by a frozen VAE; and, for joint
+    training with an image folder, the images appended to each clip (encoded on the fly)."""
+
+    def __init__(self, cfg: DiffusionDataConfig, text_cfg, device: torch.device, seed: int, log=print):
+        self.vae, self.images, self.cfg, self.cached_null, self.use_cached_text = None, None, cfg, None, False
+        if cfg.latents:
+            self.dataset = LatentDataset(cfg.latents)
+            manifest = self.dataset.manifest
+            self.autoencoder = cfg.autoencoder or manifest["autoencoder"]
+            self.shape = list(manifest["latent_shape"])
+            self.use_cached_text = self.dataset.made_by_text_encoder(text_cfg)
+            if manifest.get("has_cond") and not self.use_cached_text:
+                log("note: the shards' text embeddings come from another text encoder than text.*: not used")
+            self.cached_null = self.dataset.null_text() if self.use_cached_text else None
+        elif cfg.videos:
+            self.dataset = VideoClipDataset(cfg.videos, cfg.clip, cfg.captions, seed=seed)
+            self.autoencoder = cfg.autoencoder
+            self._load_vae(device)
+            factor = self.vae.config.downsample_factor
+            self.shape = [self.vae.config.z_channels, cfg.clip.num_frames, cfg.clip.size // factor,
+                          cfg.clip.size // factor]
+        else:
+            raise ConfigError("data.latents: give data.latents (from scripts/encode_latents.py) or data.videos")
+        self.shape[1] = cfg.num_frames
+        if cfg.images and cfg.images_per_video:
+            self._load_vae(device)
+            factor = self.vae.config.downsample_factor
+            size = (self.shape[2] * factor, self.shape[3] * factor)
+            self.images = ImageDataset(cfg.images, size, crop="random", captions=cfg.image_captions, seed=seed)
+
+    def _load_vae(self, device: torch.device) -> None:
+        if self.vae is None:
+            if not self.autoencoder:
+                raise ConfigError("data.autoencoder is required to encode videos or images on the fly "
+                                  "(or give data.latents)")
+            self.vae = load_autoencoder(self.autoencoder, device=device)
+
+    def latents(self, batch: dict, device: torch.device) -> Tensor:
+        """The batch's clips as latents ``[b, c, F, h, w]``."""
+        if "latents" in batch:
+            return batch["latents"].to(device)
+        with torch.no_grad():
+            return encode_video(self.vae, batch["video"].to(device), sample=True)
+
+    def training_clips(self, batch: dict, device: torch.device, draws: SampleDraws) -> Tensor:
+        """Cropped clips with their appended images ``[b, c, f + m, h, w]``; each window's first frame in its
+        source video (``source_start``), cached text embeddings and image captions go into the batch."""
+        m = self.cfg.images_per_video
+        latents, first = crop_and_append(self.latents(batch, device), self.cfg.num_frames, 0 if self.images else m,
+                                         draws)
+        batch["source_start"] = batch["frame_indices"].to(device).gather(1, first[:, None])[:, 0]
+        if self.use_cached_text:
+            batch["cached_text"] = {k: batch[k] for k in ("cond", "context") if k in batch}
+        if self.images is None:
+            return latents
+        b = latents.shape[0]
+        picks = draws.integers(len(self.images), m).flatten().tolist()
+        items = [self.images[i] for i in picks]
+        pixels = rearrange(torch.stack([it["image"] for it in items]), "(b m) c h w -> b c m h w", b=b).to(device)
+        with torch.no_grad():
+            image_latents = encode_video(self.vae, pixels, sample=True)
+        batch["image_caption"] = [[it["caption"] for it in items[i * m : (i + 1) * m]] for i in range(b)]
+        return torch.cat([latents, image_latents.to(latents.dtype)], dim=2)
+
+
+def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
+    """Train (or resume) the diffusion model; returns ``{"steps", "seconds", "final_loss"}``."""
+    accelerator = make_accelerator(cfg.run)
+    device = accelerator.device
+    source = _Source(cfg.data, cfg.text, device, cfg.run.seed, log)
+    torch.manual_seed(cfg.run.seed)  # initial weights are a function of the seed
+    text = TextConditioning(build_text_encoder(cfg.text), cfg.text, source.cached_null)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, unet=build_unet_config(cfg.model, cfg.text, text.encoder, source.shape[0])))
+    out = start_run(accelerator, cfg, cfg.run, "diffusion")
+    objective = DiffusionObjective(Denoiser(UNet3D(cfg.model.unet), cfg.model.prediction), text,
+                                   NoiseSchedule.of(cfg.model.schedule), cfg.model)
+    optimizer = make_optimizer(objective.parameters(), cfg.optim)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    raw = accelerator.unwrap_model(objective)
+    raw.text.to_device(device)
+    state = TrainingState(*_trained(raw, cfg.run.ema_decay, optimizer))
+    state.maybe_resume(out / "checkpoints", cfg.run.resume, log, config_to_dict(cfg), ("model", "text"), accelerator)
+    global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
+    m = cfg.data.images_per_video
+
+    def loss(batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+        draws = SampleDraws(cfg.run.seed, batch["slot"], global_batch, device)
+        value = objective(source.training_clips(batch, device, draws), batch, draws, m).mean()
+        return value, {"loss": float(value.detach())}
+
+    info = {"latent_shape": source.shape, "autoencoder": source.autoencoder}
+    checkpoint = lambda: state.save(accelerator, out / "checkpoints", config_to_dict(cfg),  # noqa: E731
+                                    cfg.run.keep_checkpoints, info=info)
+    samples = lambda step: _samples(cfg, accelerator, raw, state.emas, source,  # noqa: E731
+                                    out / "samples" / f"step_{step:07d}")
+    phases = [Phase("main", optimizer, (objective,), loss, cfg.optim.lr)]
+    losses = train_loop(cfg.run, cfg.optim, accelerator, state, index_batches(source.dataset, cfg.run, accelerator,
+                        state.step), phases, desc="diffusion", checkpoint=checkpoint, sample=samples,
+                        plot_keys=["loss"])
+    values = [r["loss"] for r in losses.rows if "loss" in r][-10:]
+    summary = {"steps": state.step, "seconds": round(state.seconds, 2),
+               "final_loss": float(sum(values) / len(values)) if values else float("nan"),
+               "skipped_steps": state.skipped_steps}
+    if accelerator.is_main_process:
+        atomic_write_json(out / "summary.json", summary)
+        log(f"diffusion: {json.dumps(summary)}")
+    finish_run(accelerator)
+    return summary
+
+
+def _trained(raw: DiffusionObjective, ema_decay: float, optimizer) -> tuple[dict, dict, dict]:
+    """(modules, optimisers, EMAs) a checkpoint saves: the U-Net, a trainable text encoder, the frozen
+    encoder's null conditioning."""
+    modules: dict[str, nn.Module] = {"unet": raw.denoiser.net}
+    if raw.text.trainable is not None:
+        modules["text"] = raw.text.trainable
+    if raw.text.frozen_null() is not None:
+        modules["null_text"] = TensorBundle(raw.text.frozen_null())
+    emas = {name: EMA(modules[name], ema_decay) for name in ("unet", "text") if name in modules} if ema_decay else {}
+    return modules, {"main": optimizer}, emas
+
+
+@torch.no_grad()
+def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Source, prefix: Path) -> None:
+    """Sample the prompts with the EMA weights; write a contact sheet (and videos when a VAE is at hand)."""
+    if not accelerator.is_main_process or not cfg.sample_prompts:
+        return
+    from pipelines.media.video_io import write_video
+
+    modules = {"unet": raw.denoiser.net, "text": raw.text.trainable}
+    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items() if m is not None}
+    for name, ema in emas.items():
+        ema.copy_to(modules[name])
+    bundle = DiffusionBundle(raw.denoiser, raw.text.encoder, cfg.text, cfg.model, source.shape, source.autoencoder,
+                             null_cache=raw.text.frozen_null())
+    raw.denoiser.eval()
+    try:
+        denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling.guidance)
+        generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
+        latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
+    finally:
+        raw.denoiser.train()
+        for name, weights in saved.items():
+            modules[name].load_state_dict(weights)
+    try:
+        vae = source.vae or (load_autoencoder(source.autoencoder, device=accelerator.device) if source.autoencoder
+                             else None)
+    except (FileNotFoundError, UserError):
+        vae = None  # the shards' VAE moved: sample sheets need it, training does not
+    if vae is None:
+        return
+    videos = decode_video(vae, latents).clamp(-1, 1).cpu()
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    save_contact_sheet(videos, prefix.with_suffix(".png"))
+    for i, video in enumerate(videos):
+        write_video(prefix.parent / f"{prefix.name}_{i}.mp4", video)
