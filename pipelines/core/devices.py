@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import threading
+import time
 
 import psutil
 import torch
@@ -45,3 +47,30 @@ class PeakMemory:
         self.peak = max(self.peak, self._process.memory_info().rss / 2**20)
         if torch.cuda.is_available():
             self.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` says."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> dict:
+    """This machine's measured fp32 matmul rate (best of ``repeats`` ``size²`` products, GFLOP/s), with the CPU
+    model and thread count: the yardstick that makes times on machines of different speed comparable."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+            "fp32_matmul_peak_gflops": round(2 * size**3 / best / 1e9, 1)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from pipelines.evaluation.config import MetricsConfig
 from pipelines.stages.configs import AutoencoderTrainConfig, DiffusionTrainConfig, EncodeConfig, GenerateConfig
 from pipelines.world.config import WorldSpec
 
@@ -39,3 +40,5 @@ class DemoConfig:
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(prompts=[
         "a red circle moving right", "a green square moving down", "a blue triangle moving left",
         "a yellow circle moving up"]))  # both methods run on the same prompts and seeds
+    metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(pairwise=False))  # FVD / KVD of each
+    # method's videos against the world's training videos, when metrics.i3d points at i3d_torchscript.pt

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.core.config import save_resolved_config
-from pipelines.core.devices import PeakMemory
+from pipelines.core.devices import PeakMemory, matmul_peak_gflops
 from pipelines.core.files import atomic_write_json, atomic_write_text
 from pipelines.demo.config import DemoConfig
+from pipelines.evaluation.config import EvaluateConfig
 from pipelines.media.video_io import read_frames
 from pipelines.stages.encode_latents import encode_latents
 from pipelines.stages.generate import generate
@@ -92,6 +93,30 @@ def _round(value: float, digits: int = 3):
     return None if value is None or not np.isfinite(value) else round(float(value), digits)
 
 
+def video_distances(cfg: DemoConfig, results: dict[str, dict], out: Path, log) -> dict:
+    """FVD / KVD of each method's videos against the world's training videos (StyleGAN-V's protocol) when
+    ``metrics.i3d`` is set; else how to enable them."""
+    if not cfg.metrics.i3d:
+        return {"computed": False, "how": "set metrics.i3d=/path/to/i3d_torchscript.pt (StyleGAN-V's I3D) "
+                                          "to add FVD and KVD to this report"}
+    import shutil
+
+    from pipelines.stages.evaluate import evaluate
+
+    distances = {"computed": True}
+    for method, result in results.items():
+        folder = out / "work" / "fvd" / method
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in result["samples"]:
+            shutil.copy2(out / "videos" / s["file"], folder / s["file"])
+        metrics = evaluate(EvaluateConfig(generated=str(folder), real=cfg.autoencoder.data.roots[0],
+                                          out_dir=str(out / "work" / "fvd" / f"{method}_metrics"),
+                                          metrics=cfg.metrics, seed=cfg.world.seed), log)
+        distances[method] = {k: metrics[k] for k in ("fvd", "kvd", "kvd_x1000")} | {
+            "clips": metrics["generated"]["clips"], "real_clips": metrics["real"]["clips"]}
+    return distances
+
+
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Run the whole chain and write ``report.json`` / ``report.md`` into ``cfg.out_dir``."""
     cfg = wire(cfg)
@@ -99,6 +124,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out, "demo_config.yaml")
     total = time.perf_counter()
+    peak = matmul_peak_gflops()  # this machine's speed, so times on different machines compare
 
     t = _stage("1/6 building the synthetic world (real MP4 files + captions)", log)
     world = out / "work" / "world"
@@ -118,21 +144,24 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     _stage(f"5/6 generating {len(cfg.generate.prompts)} prompts × {cfg.generate.num_frames} frames, "
            f"reconstruction guidance and replacement", log)
-    results, gen_seconds, peak = _generate_both(cfg, out, log)
+    results, gen_seconds, rss = _generate_both(cfg, out, log)
 
     _stage("6/6 analysing the videos and writing the report", log)
     quality, samples = _analyse(results, out / "videos")
+    quality["video_distances"] = video_distances(cfg, results, out, log)
     first = results["reconstruction"]
     report = {
         "autoencoder": {k: ae.get(k) for k in ("psnr", "ssim", "steps", "seconds")},
         "diffusion": dif,
         "generation": {"num_frames": first["num_frames"], "chunks": first["chunks"], "seconds": round(gen_seconds, 2),
-                       "peak_rss_mb": round(peak, 1), "videos": len(samples),
+                       "peak_rss_mb": round(rss, 1), "videos": len(samples),
                        "frames_per_second": round(first["num_frames"] * len(samples) / gen_seconds, 3)},
         "quality": quality,
         "samples": samples,
         "total_seconds": round(time.perf_counter() - total, 2),
+        "machine": peak,
     }
+    report["total_seconds_x_peak_gflops"] = round(report["total_seconds"] * peak["fp32_matmul_peak_gflops"])
     report["targets"] = targets(report)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_report(report, cfg))
@@ -140,6 +169,14 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                    indent=2))
     log(f"\nreport: {out / 'report.md'}")
     return report
+
+
+def _distances_line(d: dict) -> str:
+    """The report's FVD line: the figures per method, or how to enable them."""
+    if not d.get("computed"):
+        return d["how"]
+    return "; ".join(f"{m}: FVD {v['fvd']:.1f}, KVD×1000 {v['kvd_x1000']:.2f} ({v['clips']} clips vs "
+                     f"{v['real_clips']} real)" for m, v in d.items() if m != "computed")
 
 
 def targets(report: dict) -> dict[str, dict]:
@@ -174,7 +211,10 @@ def render_report(report: dict, cfg: DemoConfig) -> str:
         f"| quality | colour accuracy {q['color_accuracy']:.2f}, direction accuracy {q['direction_accuracy']:.2f}; "
         f"boundary jump ratio: reconstruction guidance {q['boundary_jump_ratio']['reconstruction_guidance']}, "
         f"replacement {q['boundary_jump_ratio']['replacement']} |",
-        f"| total | {report['total_seconds']:.0f} s |", "",
+        f"| total | {report['total_seconds']:.0f} s on {report['machine']['cpu']} ({report['machine']['threads']} "
+        f"threads, fp32 matmul peak {report['machine']['fp32_matmul_peak_gflops']:.0f} GFLOP/s): "
+        f"time × peak = {report['total_seconds_x_peak_gflops']} |",
+        f"| FVD / KVD | {_distances_line(q['video_distances'])} |", "",
         "Boundary jump ratio: the centroid's jump across each chunk boundary over its median frame-to-frame motion "
         "inside chunks (≈ 1: seamless).", "",
         "| target | value | required | met |", "|---|---|---|---|",
