@@ -2,7 +2,9 @@
 ``denoise(z, logsnr) -> x̂``, so every sampler runs guided and conditional sampling unchanged.
 
 * :func:`classifier_free_guidance`: ``ε̃ = (1 + w) ε_θ(z, c) − w ε_θ(z)`` (paper §3.2, eq. 7), conditional and
-  unconditional in one batched forward pass.
+  unconditional in one batched forward pass; optionally with the field's two remedies for strong guidance:
+  guidance rescale (:func:`rescale_guidance`, Lin et al. 2024) and guidance limited to an interval of noise levels
+  (:func:`in_interval`, Kynkäänniemi et al. 2024).
 * :func:`temporal_conditioning`: sample ``x^b ~ p(x^b | x^a)`` for frames ``x^a`` known at any frame indices
   (paper §3.1), by the replacement (imputation) baseline or by reconstruction guidance
   ``x̃^b = x̂^b − (w_r α_t / 2) ∇_{z^b_t} ‖x^a − x̂^a_θ(z_t)‖²`` used inside the replacement scheme.
@@ -32,6 +34,8 @@ def classifier_free_guidance(
     null_conditioning: Mapping[str, Tensor],
     w: float,
     batched: bool = True,
+    rescale: float = 0.0,
+    interval: Optional[Sequence[float]] = None,
     **net_kwargs,
 ) -> Denoise:
     """Bind conditioning and guidance weight ``w`` into a denoise callable.
@@ -39,6 +43,9 @@ def classifier_free_guidance(
     ``model(z, logsnr, **conditioning, **net_kwargs) -> x̂`` is a :class:`~diffusion.denoiser.Denoiser`. Since x̂ is
     affine in ε̂ at fixed ``(z, λ)``, combining x̂'s with ``(1 + w, −w)`` is exactly the paper's ε combination.
     ``w = 0`` is the conditional model alone (one forward pass). ``batched`` runs both halves as one batch.
+    ``rescale`` (φ ∈ [0, 1]) blends in the guided estimate rescaled to the conditional one's standard deviation
+    (:func:`rescale_guidance`); ``interval = (λ_lo, λ_hi)`` guides only at noise levels inside it and uses the
+    conditional model elsewhere (:func:`in_interval`).
     """
     def conditional(z: Tensor, logsnr: Tensor) -> Tensor:
         return model(z, logsnr, **conditioning, **net_kwargs)
@@ -46,19 +53,43 @@ def classifier_free_guidance(
     if w == 0:
         return conditional
 
-    def unconditional(z: Tensor, logsnr: Tensor) -> Tensor:
-        null = {k: null_conditioning[k].expand_as(v) for k, v in conditioning.items()}
-        return model(z, logsnr, **null, **net_kwargs)
-
-    def guided(z: Tensor, logsnr: Tensor) -> Tensor:
+    def pair(z: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor]:
         if batched:
             both = {k: torch.cat([v, null_conditioning[k].to(v.dtype).expand_as(v)]) for k, v in conditioning.items()}
-            x_cond, x_uncond = model(torch.cat([z, z]), torch.cat([logsnr, logsnr]), **both, **net_kwargs).chunk(2)
-        else:
-            x_cond, x_uncond = conditional(z, logsnr), unconditional(z, logsnr)
-        return x_cond + w * (x_cond - x_uncond)
+            return model(torch.cat([z, z]), torch.cat([logsnr, logsnr]), **both, **net_kwargs).chunk(2)
+        null = {k: null_conditioning[k].expand_as(v) for k, v in conditioning.items()}
+        return conditional(z, logsnr), model(z, logsnr, **null, **net_kwargs)
+
+    def guided(z: Tensor, logsnr: Tensor) -> Tensor:
+        active = in_interval(torch.as_tensor(logsnr, device=z.device).expand(z.shape[0]), interval)
+        if not bool(active.any()):
+            return conditional(z, logsnr)  # outside the interval: one forward pass
+        x_cond, x_uncond = pair(z, logsnr)
+        x = x_cond + w * (x_cond - x_uncond)
+        if rescale > 0:
+            x = rescale_guidance(x, x_cond, rescale)
+        return torch.where(append_dims(active, z.ndim), x, x_cond)
 
     return guided
+
+
+def rescale_guidance(x_guided: Tensor, x_cond: Tensor, phi: float) -> Tensor:
+    """Lin et al. 2024 (*Common Diffusion Noise Schedules and Sample Steps are Flawed*, §3.4, eqs. 15–16):
+    ``x_rescaled = x_cfg · σ(x_pos) / σ(x_cfg)`` per sample, then ``φ x_rescaled + (1 − φ) x_cfg``; strong
+    guidance otherwise inflates the estimate's scale (over-exposed, over-saturated samples)."""
+    dims = tuple(range(1, x_guided.ndim))
+    ratio = x_cond.std(dim=dims, keepdim=True) / x_guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
+    return phi * (x_guided * ratio) + (1 - phi) * x_guided
+
+
+def in_interval(logsnr: Tensor, interval: Optional[Sequence[float]]) -> Tensor:
+    """Kynkäänniemi et al. 2024 (*Applying Guidance in a Limited Interval Improves Sample and Distribution
+    Quality*): guidance helps at middle noise levels and hurts at the highest (it collapses diversity and drifts
+    off the data) and lowest ones. ``[b]`` booleans: ``λ_lo ≤ λ ≤ λ_hi`` (everywhere when ``interval`` is None)."""
+    if interval is None:
+        return torch.ones(logsnr.shape, dtype=torch.bool, device=logsnr.device)
+    lo, hi = interval
+    return (logsnr >= lo) & (logsnr <= hi)
 
 
 def _gradient_of(

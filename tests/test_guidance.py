@@ -88,3 +88,32 @@ def test_super_resolution_guidance_pulls_towards_the_low_resolution_video():
     guided = get_sampler("ddim")(super_resolution_guidance(standard_normal, low, w_r=4.0), z.clone(), grid)
     err = lambda x: (area_downsample(x, (size // 2, size // 2)) - low).pow(2).mean().item()
     assert err(guided) < 0.2 * err(plain), (err(guided), err(plain))
+
+
+@torch.no_grad()
+def test_guidance_interval_guides_only_inside_it(model):
+    """Kynkäänniemi et al. 2024: inside [λ_lo, λ_hi] the plain guided estimate, outside the conditional model."""
+    z, logsnr, cond, null = _inputs()  # λ = −2.0 and 1.5
+    plain = classifier_free_guidance(model, cond, null, w=3.0)(z, logsnr)
+    conditional = model(z, logsnr, **cond)
+    limited = classifier_free_guidance(model, cond, null, w=3.0, interval=(0.0, 5.0))(z, logsnr)
+    torch.testing.assert_close(limited[1], plain[1])  # λ = 1.5: inside
+    torch.testing.assert_close(limited[0], conditional[0])  # λ = −2: outside
+    outside = classifier_free_guidance(model, cond, null, w=3.0, interval=(3.0, 5.0))(z, logsnr)
+    torch.testing.assert_close(outside, conditional)
+
+
+@torch.no_grad()
+def test_guidance_rescale_matches_the_conditional_scale(model):
+    """Lin et al. 2024, eqs. 15–16: φ = 1 gives the guided estimate at the conditional one's per-sample std;
+    φ = 0 is plain guidance; in between, the blend."""
+    z, logsnr, cond, null = _inputs()
+    plain = classifier_free_guidance(model, cond, null, w=5.0)(z, logsnr)
+    conditional = model(z, logsnr, **cond)
+    full = classifier_free_guidance(model, cond, null, w=5.0, rescale=1.0)(z, logsnr)
+    torch.testing.assert_close(full.flatten(1).std(1), conditional.flatten(1).std(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full / full.flatten(1).std(1)[:, None, None, None, None],
+                               plain / plain.flatten(1).std(1)[:, None, None, None, None], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(classifier_free_guidance(model, cond, null, w=5.0, rescale=0.0)(z, logsnr), plain)
+    half = classifier_free_guidance(model, cond, null, w=5.0, rescale=0.5)(z, logsnr)
+    torch.testing.assert_close(half, 0.5 * full + 0.5 * plain, rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -35,16 +36,29 @@ from pipelines.core.visual import LossLog
 
 def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
     """An ``accelerate.Accelerator`` for the run (device placement, mixed precision, accumulation, processes,
-    trackers). Processes, FSDP and DeepSpeed come from ``accelerate launch`` and its config file."""
+    trackers). Processes, FSDP and DeepSpeed come from ``accelerate launch`` and its config file.
+
+    Without CUDA, ``run.device=auto`` under a multi-process launch means the CPU (gloo): asked for a GPU setup on
+    a machine without one, accelerate would otherwise start every process as a lone "main" process, all training
+    alone and writing the same files. A launch whose processes still do not form one group stops here.
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but CUDA is not available")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun in every process
+    cpu = run.device == "cpu" or (run.device == "auto" and launched > 1 and not torch.cuda.is_available())
     trackers = {"none": None, "all": "all"}.get(run.report_to, [run.report_to])
-    return Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.grad_accum,
-                       cpu=run.device == "cpu", log_with=trackers, project_dir=run.out_dir,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
+    accelerator = Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.grad_accum,
+                              cpu=cpu, log_with=trackers, project_dir=run.out_dir,
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=find_unused_parameters)])
+    if launched > 1 and accelerator.num_processes != launched:
+        raise ConfigError(f"run.device={run.device}: {launched} processes were launched but accelerate set up "
+                          f"{accelerator.num_processes} ({accelerator.distributed_type}); on a machine without "
+                          f"GPUs use run.device=cpu")
+    return accelerator
 
 
 def start_run(accelerator, config: Any, run: RunConfig, name: str) -> Path:
@@ -100,13 +114,18 @@ class IndexStream:
     the exact order from its step count, whatever a data loader had prefetched. Process ``rank`` of ``world``
     takes global batches ``rank, rank + world, ...``. Indices are *global*: ``epoch · size + i``, so a dataset
     wrapped in :class:`EpochView` can draw per-epoch randomness from the index alone.
+
+    ``accum`` micro-batches make one optimiser step: an epoch holds a whole number of *steps*, so where the epochs
+    end (and which samples a step sees) depends only on the global batch ``batch_size · world · accum``, not on
+    how it is split into processes and micro-batches.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1, accum: int = 1):
         if size < 1:
             raise ValueError("the dataset is empty")
         self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
-        self.per_rank = max(size // (batch_size * world), 1)  # batches per epoch for each process
+        steps = max(size // (batch_size * world * accum), 1)  # optimiser steps per epoch
+        self.per_rank = steps * accum  # micro-batches per epoch for each process
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(step_seed(self.seed, -1, epoch))
@@ -166,7 +185,8 @@ def index_batches(dataset, run: RunConfig, accelerator, start_step: int) -> Iter
     is :class:`IndexStream`'s (a pure function of the seed and the batch number), so a resumed run
     reads exactly the batches it would have read; data-loader workers prefetch them.
     """
-    stream = IndexStream(len(dataset), run.batch_size, run.seed, accelerator.process_index, accelerator.num_processes)
+    stream = IndexStream(len(dataset), run.batch_size, run.seed, accelerator.process_index, accelerator.num_processes,
+                         run.grad_accum)
     loader = torch.utils.data.DataLoader(
         EpochView(dataset), batch_sampler=stream.batches(start_step * run.grad_accum), num_workers=run.num_workers,
         collate_fn=collate, generator=torch.Generator().manual_seed(run.seed))  # not the global RNG
@@ -331,8 +351,8 @@ def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generato
 def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingState, batches: Iterator,
                phases: list[Phase], *, desc: str, checkpoint: Callable[[], None],
                sample: Optional[Callable[[int], None]] = None, plot_keys: Optional[list[str]] = None) -> LossLog:
-    """Train ``state`` from its step to ``run.steps``; returns the loss log (every process keeps its rows,
-    only the main process writes ``loss.csv`` / ``loss.png``).
+    """Train ``state`` from its step to ``run.steps``; returns the loss log (every process keeps the same rows,
+    means over all processes; only the main process writes ``loss.csv`` / ``loss.png``).
 
     Each step draws ``grad_accum`` micro-batches, runs every active phase over them, updates the EMAs, logs the
     mean of each logged value since the last row, and checkpoints every ``checkpoint_every`` steps and at the
@@ -361,7 +381,7 @@ def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingS
         state.step += 1
         bar.update(1)
         if state.step % run.log_every == 0 or state.step == run.steps:
-            row = {k: sum(v) / len(v) for k, v in window.items() if v} | lrs | {"skipped_steps": state.skipped_steps}
+            row = _mean_over_processes(window, accelerator) | lrs | {"skipped_steps": state.skipped_steps}
             losses.append(state.step, **row)
             accelerator.log(row, step=state.step)
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(row.items())[:2]})
@@ -379,6 +399,18 @@ def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingS
     if accelerator.is_main_process and losses.rows:
         losses.plot(out / "loss.png", plot_keys, desc)
     return losses
+
+
+def _mean_over_processes(window: Mapping[str, list[float]], accelerator) -> dict[str, float]:
+    """The mean of each logged value since the last row, over this process's micro-batches and then over all
+    processes (each process sees ``1 / num_processes`` of the global batch), so the curve is the global batch's
+    whatever the split. Every process logs the same keys (they run the same phases), in the same order."""
+    keys = [k for k, v in window.items() if v]
+    means = [sum(window[k]) / len(window[k]) for k in keys]
+    if accelerator.num_processes > 1 and keys:
+        local = torch.tensor(means, dtype=torch.float64, device=accelerator.device)
+        means = accelerator.reduce(local, reduction="mean").tolist()
+    return dict(zip(keys, means))
 
 
 def finish_run(accelerator) -> None:

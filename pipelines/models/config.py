@@ -52,6 +52,9 @@ class SamplingConfig:
     sampler: Literal["ancestral", "ddim", "pc"] = "ddim"  # pc: ancestral steps, each followed by Langevin ones
     steps: int = 50  # denoising steps from t = 1 to t = 0
     guidance: float = 1.0  # classifier-free guidance weight w (0: the conditional model alone)
+    guidance_rescale: float = 0.0  # φ of guidance rescale (Lin et al. 2024): 0 off, 0.7 their choice
+    guidance_interval: Optional[list[float]] = None  # [λ_lo, λ_hi]: guide only at these log-SNRs (Kynkäänniemi
+    # et al. 2024); null: at every noise level
     gamma: float = 0.3  # ancestral / pc: variance interpolation γ (paper: 0.3 for text-to-video)
     eta: float = 0.0  # ddim: 0 deterministic, 1 ancestral-like
     delta: float = 0.1  # pc: Langevin step size δ
@@ -63,6 +66,11 @@ class SamplingConfig:
                              f"{self.corrector_steps}")
         if self.guidance < 0:
             raise ValueError(f"guidance must be at least 0 (0: no guidance), got {self.guidance}")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.guidance_interval is not None and (len(self.guidance_interval) != 2
+                                                   or self.guidance_interval[0] > self.guidance_interval[1]):
+            raise ValueError(f"guidance_interval must be [λ_lo, λ_hi] with λ_lo ≤ λ_hi, got {self.guidance_interval}")
 
     def knobs(self) -> dict:
         """The keyword arguments of the chosen sampler."""

@@ -59,11 +59,12 @@ class DiffusionBundle:
             return {k: v.to(self.device) for k, v in select(self.null_cache, self.text.use_tokens).items()}
         return self.embed([""])
 
-    def denoise_fn(self, prompts: list[str], guidance: float, **net_kwargs):
-        """``denoise(z, logsnr) -> x̂`` for a batch of prompts, with classifier-free guidance ``w``."""
+    def denoise_fn(self, prompts: list[str], guidance: float | SamplingConfig, **net_kwargs):
+        """``denoise(z, logsnr) -> x̂`` for a batch of prompts, with classifier-free guidance: a weight ``w``, or
+        a :class:`SamplingConfig` (its weight, rescale and interval)."""
         return self._bind(self.embed(prompts), guidance, **net_kwargs)
 
-    def chunk_denoisers(self, prompts: list[str], guidance: float):
+    def chunk_denoisers(self, prompts: list[str], guidance: float | SamplingConfig):
         """``(first, later)``: the denoiser for the chunk that starts each video and the one for chunks that
         continue it (told ``video_start=False``, so a network with frame positions leaves them out). The prompts
         are embedded once; without frame positions both are the same callable."""
@@ -73,9 +74,13 @@ class DiffusionBundle:
             return first, first
         return first, self._bind(conditioning, guidance, video_start=False)
 
-    def _bind(self, conditioning: dict[str, Tensor], guidance: float, **net_kwargs):
+    def _bind(self, conditioning: dict[str, Tensor], guidance: float | SamplingConfig, **net_kwargs):
         if not conditioning:
             return lambda z, logsnr: self.denoiser(z, logsnr, **net_kwargs)
+        if isinstance(guidance, SamplingConfig):
+            return classifier_free_guidance(self.denoiser, conditioning, self.null(), guidance.guidance,
+                                            rescale=guidance.guidance_rescale, interval=guidance.guidance_interval,
+                                            **net_kwargs)
         return classifier_free_guidance(self.denoiser, conditioning, self.null(), guidance, **net_kwargs)
 
 

@@ -285,7 +285,7 @@ def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Sou
                              null_cache=raw.text.frozen_null())
     raw.denoiser.eval()
     try:
-        denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling.guidance)
+        denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling)
         generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
         latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
     finally:
