@@ -37,6 +37,11 @@ def test_quick_demo_runs_the_chain_and_reports(tmp_path):
     for method in ("reconstruction", "replacement"):
         assert distances[method]["fvd"] > 0 and distances[method]["clips"] == len(cfg.generate.prompts)
     assert "FVD" in (tmp_path / "report.md").read_text()
+    for method, identity in quality["identity"].items():  # graded per chunk, over every video of the method
+        per_video = saved["generation"]["chunks"]
+        assert identity["chunks"] == per_video * len(cfg.generate.prompts) and len(identity["by_chunk"]) == per_video
+        assert identity["identity"] <= min(identity["colour"], identity["shape"])
+    assert (tmp_path / "identity_by_chunk.png").is_file() and 0.5 <= quality["shape_classifier_accuracy"] <= 1
     assert saved["total_seconds_x_peak_gflops"] == round(saved["total_seconds"]
                                                          * saved["machine"]["fp32_matmul_peak_gflops"])
     assert set(saved["targets"]) == {"autoencoder_psnr_db", "color_accuracy", "direction_accuracy",

@@ -203,3 +203,19 @@ def test_analyse_video_with_float_tensor_input():
     video = torch.from_numpy(render_clip(params, SPEC)).permute(3, 0, 1, 2).float() / 127.5 - 1
     result = analyse_video(video, params.caption)
     assert (result["colour"], result["shape"], result["direction"]) == ("red", "triangle", "up")
+
+
+def test_identity_is_graded_per_chunk():
+    """A video whose second chunk shows another object: the first chunk is right, the second wrong on both."""
+    from pipelines.world.synthetic import chunk_identity, render_clip
+
+    spec = WorldSpec(size=32, num_frames=16)
+    red_circle = render_clip(WorldParams("circle", "red", "right", 16.0, 16.0, 1.0), spec)
+    blue_square = render_clip(WorldParams("square", "blue", "right", 16.0, 16.0, 1.0), spec)
+    video = np.concatenate([red_circle[:8], blue_square[8:]])
+    chunks = chunk_identity(video, "a red circle moving right", [8])
+    assert [c["identity"] for c in chunks] == [True, False]
+    assert chunks[1]["colour"] == "blue" and chunks[1]["shape"] == "square"
+    assert [c["identity"] for c in chunk_identity(red_circle, "a red circle moving right", [6, 12])] == [True] * 3
+    result = analyse_video(video, "a red circle moving right", [8])
+    assert len(result["chunks"]) == 2

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.core.files import atomic_write_json, atomic_write_text, fsync_directory
+from pipelines.core.files import atomic_write_json, atomic_write_text, fsync_directory, remove_stale_temporaries
 
 LATEST = "latest"
 
@@ -156,12 +156,14 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep: int) -> None:
-    """Remove all but the newest ``keep`` checkpoints and any stale temporary directories."""
+    """Remove all but the newest ``keep`` checkpoints and what killed runs left: temporary checkpoint
+    directories and half-written ``latest`` pointers."""
     done = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step_*"):
         shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(root, LATEST)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

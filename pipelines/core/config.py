@@ -88,6 +88,9 @@ class RunConfig:
                      "max_bad_steps"):
             _at_least(name, getattr(self, name), 1)
         _at_least("sample_every", self.sample_every, 0)
+        if self.checkpoint_every % self.log_every:  # a loss row never spans a resume
+            raise ValueError(f"checkpoint_every must be a multiple of log_every, got {self.checkpoint_every} and "
+                             f"{self.log_every}")
         _at_least("num_workers", self.num_workers, 0)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")

@@ -44,6 +44,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Delete the temporary files (``.NAME.XXXXXXXX.tmp``) that atomic writes of ``folder/name`` left behind when
+    their process was killed mid-write; ``name`` may be a glob pattern (``shard_*.safetensors``). Returns them.
+
+    Only the one process that writes those files may call this: it would delete another writer's file in flight.
+    """
+    stale = [p for p in Path(folder).glob(f".{name}.*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Atomic text write (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))

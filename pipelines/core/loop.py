@@ -235,6 +235,7 @@ class TrainingState:
     step: int = 0
     seconds: float = 0.0  # training time accumulated over all resumed runs
     skipped_steps: int = 0  # steps skipped for a non-finite loss
+    bad_in_a_row: int = 0  # consecutive skipped steps up to now
 
     def save(self, accelerator, root: Path, config: dict, keep: int, json_files: Optional[dict] = None,
              info: Optional[dict] = None) -> Optional[Path]:
@@ -252,6 +253,7 @@ class TrainingState:
             "config": config,
             "seconds": self.seconds,
             "skipped_steps": self.skipped_steps,
+            "bad_in_a_row": self.bad_in_a_row,
             "ema_updates": {name: ema.num_updates for name, ema in self.emas.items()},
             **(info or {}),
         }
@@ -270,6 +272,7 @@ class TrainingState:
             accelerator.scaler.load_state_dict(states["grad_scaler"])
         self.step, self.seconds = int(info["step"]), float(info.get("seconds", 0.0))
         self.skipped_steps = int(info.get("skipped_steps", 0))
+        self.bad_in_a_row = int(info.get("bad_in_a_row", 0))
         return info
 
     def maybe_resume(self, root: Path, enabled: bool, log=print, config: Optional[dict] = None,
@@ -361,7 +364,7 @@ def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingS
     """
     out = Path(run.out_dir)
     losses = LossLog(out / "loss.csv", resume_step=state.step, write=accelerator.is_main_process)
-    timer, window, bad = Timer(state), defaultdict(list), 0
+    timer, window, resumed_at_end = Timer(state), defaultdict(list), state.step >= run.steps
     bar = tqdm(total=run.steps, initial=state.step, desc=desc, disable=not accelerator.is_main_process)
     while state.step < run.steps:
         generator = seed_step(run.seed, accelerator.process_index, state.step, accelerator.device)
@@ -371,12 +374,13 @@ def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingS
             if phase.active(state.step):
                 lrs[f"lr_{phase.name}"] = set_lr(phase.optimizer, state.step, run.steps, optim, phase.lr)
                 ok = _run_phase(phase, micro, accelerator, generator, optim, window) and ok
-        bad = 0 if ok else bad + 1
+        state.bad_in_a_row = 0 if ok else state.bad_in_a_row + 1  # the same on every process (reduced)
         state.skipped_steps += 0 if ok else 1
-        if bad >= run.max_bad_steps:
-            raise UserError(f"{bad} non-finite losses in a row up to step {state.step}: stopped (lower optim.lr or "
-                            f"use mixed_precision=no); the last checkpoint in {out / 'checkpoints'} is intact")
-        for name, ema in state.emas.items():
+        if state.bad_in_a_row >= run.max_bad_steps:
+            raise UserError(f"{state.bad_in_a_row} non-finite losses in a row up to step {state.step}: stopped "
+                            f"(lower optim.lr or use mixed_precision=no); the last checkpoint in "
+                            f"{out / 'checkpoints'} is intact")
+        for name, ema in state.emas.items() if ok else ():  # a skipped step changed no weight
             ema.update(state.modules[name])
         state.step += 1
         bar.update(1)
@@ -394,6 +398,8 @@ def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingS
             if sample is not None and (periodic or state.step == run.steps):
                 sample(state.step)
             timer.resume()
+    if resumed_at_end and sample is not None:  # killed after the last checkpoint, before its samples
+        sample(state.step)
     bar.close()
     timer.pause()
     if accelerator.is_main_process and losses.rows:

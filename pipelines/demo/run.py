@@ -69,9 +69,11 @@ def _generate_both(cfg: DemoConfig, out: Path, log) -> tuple[dict[str, dict], fl
 def _analyse(results: dict[str, dict], videos: Path) -> tuple[dict, list[dict]]:
     """Grade every generated video against its prompt; the quality block of the report."""
     samples, colour, direction, jumps = [], [], [], {m: [] for m in results}
+    per_chunk: dict[str, list[list[dict]]] = {m: [] for m in results}
     for method, result in results.items():
         for s in result["samples"]:
             analysis = analyse_video(read_frames(videos / s["file"]), s["prompt"], result["boundaries"])
+            per_chunk[method].append(analysis["chunks"])
             colour.append(analysis["colour_correct"])
             direction.append(analysis["direction_correct"])
             jumps[method].append(analysis["jump_ratio"])
@@ -81,12 +83,52 @@ def _analyse(results: dict[str, dict], videos: Path) -> tuple[dict, list[dict]]:
     quality = {
         "color_accuracy": float(np.mean(colour)),
         "direction_accuracy": float(np.mean(direction)),
+        "identity": {method: identity_summary(per_chunk[method]) for method in results},
         "boundary_jump_ratio": {
             "reconstruction_guidance": _round(np.nanmean(jumps["reconstruction"])),
             "replacement": _round(np.nanmean(jumps["replacement"])),
         },
     }
     return quality, samples
+
+
+def identity_summary(videos: list[list[dict]]) -> dict:
+    """Per-chunk identity over all videos of a method: the share of chunks whose colour and shape are both right
+    (``identity``), each apart, and the identity by chunk index (does it decay along the video?)."""
+    chunks = [c for video in videos for c in video]
+    by_index = [[video[k]["identity"] for video in videos if k < len(video)] for k in range(max(map(len, videos)))]
+    share = lambda key: round(float(np.mean([c[key] for c in chunks])), 4) if chunks else None  # noqa: E731
+    return {"identity": share("identity"), "colour": share("colour_correct"), "shape": share("shape_correct"),
+            "chunks": len(chunks), "by_chunk": [round(float(np.mean(v)), 4) for v in by_index]}
+
+
+def shape_classifier_accuracy(world: Path, count: int = 96) -> float:
+    """How often :func:`classify_shape` names the shape of the world's own training videos (its captions are
+    the truth): the analyser's own accuracy, beside the figures it grades."""
+    from pipelines.world.synthetic import classify_shape, parse_caption
+
+    records = [json.loads(line) for line in (world / "captions.jsonl").read_text().splitlines() if line.strip()]
+    right = [classify_shape(read_frames(world / r["path"])) == parse_caption(r["caption"])["shape"]
+             for r in records[:count]]
+    return round(float(np.mean(right)), 4)
+
+
+def plot_identity(quality: dict, path: Path) -> None:
+    """Identity by chunk index, one line per method (the picture of "does the video stay the same video")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3), dpi=120)
+    for method, summary in quality["identity"].items():
+        axis.plot(range(1, len(summary["by_chunk"]) + 1), summary["by_chunk"], marker="o", label=method)
+    axis.set(xlabel="chunk", ylabel="identity (colour and shape right)", ylim=(-0.05, 1.05))
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def _round(value: float, digits: int = 3):
@@ -149,6 +191,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     _stage("6/6 analysing the videos and writing the report", log)
     quality, samples = _analyse(results, out / "videos")
     quality["video_distances"] = video_distances(cfg, results, out, log)
+    quality["shape_classifier_accuracy"] = shape_classifier_accuracy(out / "work" / "world" / "train")
+    plot_identity(quality, out / "identity_by_chunk.png")
     first = results["reconstruction"]
     report = {
         "autoencoder": {k: ae.get(k) for k in ("psnr", "ssim", "steps", "seconds")},
@@ -214,12 +258,17 @@ def render_report(report: dict, cfg: DemoConfig) -> str:
         f"| total | {report['total_seconds']:.0f} s on {report['machine']['cpu']} ({report['machine']['threads']} "
         f"threads, fp32 matmul peak {report['machine']['fp32_matmul_peak_gflops']:.0f} GFLOP/s): "
         f"time × peak = {report['total_seconds_x_peak_gflops']} |",
-        f"| FVD / KVD | {_distances_line(q['video_distances'])} |", "",
+        f"| FVD / KVD | {_distances_line(q['video_distances'])} |",
+        "| identity per chunk | " + "; ".join(f"{m}: {v['identity']} (colour {v['colour']}, shape {v['shape']}, "
+                                            f"{v['chunks']} chunks)" for m, v in q["identity"].items())
+        + f"; the shape classifier names the world's own shapes with accuracy {q['shape_classifier_accuracy']} |",
+        "",
         "Boundary jump ratio: the centroid's jump across each chunk boundary over its median frame-to-frame motion "
         "inside chunks (≈ 1: seamless).", "",
         "| target | value | required | met |", "|---|---|---|---|",
         *[f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
           for name, t in report["targets"].items()], "",
+        "## Identity by chunk", "", "![identity by chunk](identity_by_chunk.png)", "",
         "## Reconstruction guidance", "", "![reconstruction](videos/contact_sheet_reconstruction.png)", "",
         "## Replacement", "", "![replacement](videos/contact_sheet_replacement.png)", "",
         "## Training", "", "![autoencoder loss](work/autoencoder/loss.png)", "",

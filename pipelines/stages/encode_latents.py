@@ -17,7 +17,7 @@ from autoencoder import encode_video, load_autoencoder
 from pipelines.core.checkpoint import save_tensors
 from pipelines.core.config import UserError, config_to_dict, save_resolved_config
 from pipelines.core.devices import resolve_device
-from pipelines.core.files import atomic_write_json
+from pipelines.core.files import atomic_write_json, remove_stale_temporaries
 from pipelines.latents.shards import (
     MANIFEST,
     NULL_TEXT,
@@ -102,6 +102,8 @@ def encode_latents(cfg: EncodeConfig, log=print) -> dict:
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("shard_*.safetensors", NULL_TEXT, MANIFEST, "encode.yaml"):  # half-written by a killed run
+        remove_stale_temporaries(out, name)
     save_resolved_config(cfg, out, "encode.yaml")
     vae = load_autoencoder(cfg.autoencoder, device=device)
     text_encoder = build_text_encoder(cfg.text)

@@ -101,7 +101,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
         return lambda batch, generator: objective(batch, state.step, phase)
 
     def checkpoint() -> None:
-        config = _with_scale(raw.vae, scale_frames)
+        config = _with_scale(raw.vae, scale_frames, cfg.run.seed)
         state.save(accelerator, out / "checkpoints", config_to_dict(cfg), cfg.run.keep_checkpoints,
                    json_files={"config.json": model_json(config)})
 
@@ -123,12 +123,14 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     return summary
 
 
-def _with_scale(vae: AutoencoderKL, frames: torch.Tensor) -> AutoencoderConfig:
-    """The VAE's config with the latent scale re-estimated as 1 / std of its latents (LDM's scale-by-std)."""
+def _with_scale(vae: AutoencoderKL, frames: torch.Tensor, seed: int) -> AutoencoderConfig:
+    """The VAE's config with the latent scale re-estimated as 1 / std of its latents (LDM's scale-by-std), from
+    posterior samples seeded by the run's seed (a rerun exports the same scale)."""
     was_training = vae.training
     vae.eval()
+    device = next(vae.parameters()).device
     with torch.no_grad():
-        scale = estimate_latent_scale(vae, frames.to(next(vae.parameters()).device))
+        scale = estimate_latent_scale(vae, frames.to(device), generator=torch.Generator(device).manual_seed(seed))
     vae.train(was_training)
     return dataclasses.replace(vae.config, latent_scale=float(scale))
 
@@ -142,7 +144,7 @@ def _export(cfg: AutoencoderTrainConfig, vae: AutoencoderKL, emas: dict, scale_f
     if emas:
         emas["model"].copy_to(final)
     final.eval()
-    final.config = _with_scale(final, scale_frames)
+    final.config = _with_scale(final, scale_frames, cfg.run.seed)
     save_autoencoder(final, out / "model")
     summary = evaluate(final, held_out, lpips_model=eval_lpips(cfg.loss.lpips_net))
     with torch.no_grad():

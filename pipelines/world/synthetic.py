@@ -302,13 +302,33 @@ def boundary_jump_ratio(track: np.ndarray, boundaries: Sequence[int]) -> float:
     return float(jumps.mean() / max(np.median(inside), 1e-6))
 
 
+def chunk_identity(frames: np.ndarray | torch.Tensor, caption: str, boundaries: Sequence[int]) -> list[dict]:
+    """Colour and shape of the object in each generated chunk (the frames from one boundary to the next) against
+    the caption: what a viewer sees first when an object changes from one chunk to the next.
+
+    Returns one ``{"colour", "shape", "colour_correct", "shape_correct", "identity"}`` per chunk, ``identity``
+    being both right.
+    """
+    frames = as_uint8_frames(frames)
+    truth = parse_caption(caption)
+    edges = [0, *[b for b in boundaries if 0 < b < len(frames)], len(frames)]
+    chunks = []
+    for start, stop in zip(edges[:-1], edges[1:]):
+        colour, shape = classify_colour(frames[start:stop]), classify_shape(frames[start:stop])
+        chunks.append({"colour": colour, "shape": shape, "colour_correct": colour == truth["colour"],
+                       "shape_correct": shape == truth["shape"],
+                       "identity": colour == truth["colour"] and shape == truth["shape"]})
+    return chunks
+
+
 def analyse_video(
     frames: np.ndarray | torch.Tensor, caption: str | None = None, boundaries: Sequence[int] = ()
 ) -> dict:
     """Everything the analyser reads from one video of the world.
 
     Returns ``{"colour", "shape", "direction", "track" [f, 2], "jump_ratio"}`` and, given a world caption,
-    ``"colour_correct"``, ``"shape_correct"``, ``"direction_correct"`` (bools) against it.
+    ``"colour_correct"``, ``"shape_correct"``, ``"direction_correct"`` (bools) against it and ``"chunks"``
+    (:func:`chunk_identity`).
     """
     frames = as_uint8_frames(frames)
     track = centroid_track(frames)
@@ -322,4 +342,5 @@ def analyse_video(
     if caption is not None:
         truth = parse_caption(caption)
         result.update({f"{key}_correct": result[key] == truth[key] for key in truth})
+        result["chunks"] = chunk_identity(frames, caption, boundaries)
     return result
