@@ -96,7 +96,8 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) 
 
 def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
     """PyTorch's fused kernel; a float ``attn_mask`` is added to the logits."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    # contiguous inputs: with strided views (the U-Net's rearranges) the CPU falls back to the math path
+    return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=bias)
 
 
 def _xformers_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
