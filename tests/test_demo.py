@@ -37,7 +37,7 @@ def test_quick_demo_runs_the_chain_and_reports(tmp_path):
     for method in ("reconstruction", "replacement"):
         assert distances[method]["fvd"] > 0 and distances[method]["clips"] == len(cfg.generate.prompts)
     assert "FVD" in (tmp_path / "report.md").read_text()
-    for method, identity in quality["identity"].items():  # graded per chunk, over every video of the method
+    for identity in quality["identity"].values():  # graded per chunk, over every video of the method
         per_video = saved["generation"]["chunks"]
         assert identity["chunks"] == per_video * len(cfg.generate.prompts) and len(identity["by_chunk"]) == per_video
         assert identity["identity"] <= min(identity["colour"], identity["shape"])

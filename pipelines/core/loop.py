@@ -330,7 +330,7 @@ def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generato
     """Accumulate the phase's gradients over the micro-batches and step its optimiser; ``False`` (and no step)
     when a loss on any process is not finite."""
     phase.optimizer.zero_grad(set_to_none=True)  # also drops gradients another phase's loss left here
-    finite = torch.ones((), device=accelerator.device)
+    finite, step_logs = torch.ones((), device=accelerator.device), defaultdict(list)
     for batch in micro:
         with accelerator.accumulate(*phase.modules):
             with accelerator.autocast():
@@ -338,12 +338,14 @@ def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generato
             finite = finite * torch.isfinite(loss.detach()).float()
             accelerator.backward(loss)  # divides by grad_accum; DDP all-reduces on the last micro-batch only
         for key, value in items.items():
-            logs[key].append(value)
+            step_logs[key].append(value)
     if accelerator.num_processes > 1:
         finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    if float(finite) < 1:
+    if float(finite) < 1:  # skipped: neither its weights nor its logged values count
         phase.optimizer.zero_grad(set_to_none=True)
         return False
+    for key, values in step_logs.items():
+        logs[key].extend(values)
     if optim.max_grad_norm > 0:
         accelerator.clip_grad_norm_([p for m in phase.modules for p in m.parameters()], optim.max_grad_norm)
     phase.optimizer.step()

@@ -44,7 +44,12 @@ def weights_hash(module: nn.Module) -> str:
 
 
 def text_identity(text: dict) -> dict:
-    """The settings of a text config that decide its embeddings."""
+    """The settings of a text config that decide its embeddings: for open_clip the architecture and the weights
+    (a file path resolved, so a symlink to the same file matches), for the small encoder its sizes."""
+    if text.get("kind") == "open_clip":
+        pretrained = str(text.get("pretrained"))
+        resolved = str(Path(pretrained).resolve()) if Path(pretrained).exists() else pretrained
+        return {"kind": "open_clip", "model": text.get("model"), "pretrained": resolved}
     return {k: text.get(k) for k in TEXT_IDENTITY}
 
 
@@ -117,7 +122,8 @@ class LatentDataset(Dataset):
         import dataclasses
 
         wanted = text_identity(dataclasses.asdict(text))
-        return bool(self.manifest.get("has_cond")) and text_identity(self.manifest.get("text", {})) == wanted
+        tokens = self.manifest.get("has_context") or not text.use_tokens  # cross-attention needs the tokens
+        return bool(self.manifest.get("has_cond")) and tokens and text_identity(self.manifest.get("text", {})) == wanted
 
     def null_text(self) -> Optional[dict[str, torch.Tensor]]:
         """The frozen text encoder's embedding of "" (``None`` when the shards carry no embeddings)."""

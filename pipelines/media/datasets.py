@@ -167,7 +167,8 @@ class Captions:
 
     def __init__(self, captions: Mapping[str, str], roots: Sequence[Path]):
         self.roots = roots
-        self.by_path = {PurePosixPath(k.replace("\\", "/")).as_posix(): v for k, v in captions.items()}
+        keys = {PurePosixPath(k.replace("\\", "/")).as_posix(): v for k, v in captions.items()}
+        self.by_path = {k: v for k, v in keys.items() if not k.startswith("../")}  # rows escaping the root: ignored
         names, stems = defaultdict(set), defaultdict(set)
         for key, caption in self.by_path.items():
             names[PurePosixPath(key).name].add(caption)

@@ -108,10 +108,24 @@ def _decord_read(path: str | os.PathLike, indices: Sequence[int] | None) -> np.n
     return reader.get_batch(list(indices)).asnumpy()
 
 
-def _pyav_open(path: str | os.PathLike) -> tuple[Any, Any]:
-    """An open PyAV container and its first video stream (multi-threaded decoding)."""
+def _import_av() -> Any:
+    """The av module, with FFmpeg's log messages kept out of Python.
+
+    PyAV's Python log callback (switched on by ``av.logging.set_level``, which importing torchvision does) takes
+    the GIL from FFmpeg's decoding threads. A damaged stream then deadlocks the process: freeing the codec context
+    (with the GIL held) waits for a decoding thread that waits for the GIL to log its error. ``None`` routes the
+    messages to FFmpeg's silent callback instead, which PyAV does by default; the errors PyAV raises are the same.
+    """
     import av
 
+    if av.logging.get_level() is not None:
+        av.logging.set_level(None)
+    return av
+
+
+def _pyav_open(path: str | os.PathLike) -> tuple[Any, Any]:
+    """An open PyAV container and its first video stream (multi-threaded decoding)."""
+    av = _import_av()
     container = av.open(str(path))
     if not container.streams.video:
         container.close()
@@ -288,7 +302,7 @@ class VideoWriter:
         self._stream: Any = None
 
     def __enter__(self) -> VideoWriter:
-        import av
+        av = _import_av()  # encoding threads log too
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")

@@ -63,5 +63,7 @@ class TextConditioning(nn.Module):
             return {k: v[:-1] for k, v in emb.items()}, {k: v[-1:] for k, v in emb.items()}
         if self._frozen is None:
             return {}, None
-        emb = cached if cached is not None else self._encode_frozen(list(captions))
+        wanted = {"cond", "context"} if self.use_tokens else {"cond"}
+        usable = cached is not None and wanted <= set(cached)  # shards without token embeddings: tokens made now
+        emb = cached if usable else self._encode_frozen(list(captions))
         return {k: v.float() for k, v in select(emb, self.use_tokens).items()}, self._null

@@ -59,7 +59,7 @@ def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, gene
         raise UserError(f"context_frames must be between 1 and chunk_frames − 1 = {plan.chunk - 1}, "
                         f"got {plan.context}")
     c, _, h, w = bundle.latent_shape
-    base, later = bundle.chunk_denoisers(prompts, plan.sampling.guidance)
+    base, later = bundle.chunk_denoisers(prompts, plan.sampling)
     shape = (len(prompts), c, plan.chunk, h, w)
     first = sample(bundle, base, shape, plan.sampling, generator)  # chunk 1: from noise
     pieces, tail, produced, boundaries = [first.cpu()], first[:, :, -plan.context :], plan.chunk, []
@@ -89,7 +89,7 @@ def hierarchical(keyframe_bundle: DiffusionBundle, bundle: DiffusionBundle, prom
     video = torch.zeros(b, c, length, h, w)
     known = torch.zeros(length, dtype=torch.bool)
     video[:, :, ::skip], known[::skip] = keys, True
-    first, later = bundle.chunk_denoisers(prompts, plan.sampling.guidance)
+    first, later = bundle.chunk_denoisers(prompts, plan.sampling)
     step = max((plan.chunk - 1) // skip, 1) * skip  # windows share their boundary keyframe
     starts = list(range(0, length - 1, step))
     for start in starts:
