@@ -15,15 +15,14 @@ import ctypes
 import gc
 import json
 import platform
-import threading
 import time
 from functools import partial
 from pathlib import Path
 
-import psutil
 import torch
 
 from autoencoder import AutoencoderConfig, AutoencoderKL, decode_video, encode_video, load_autoencoder
+from pipelines.core.devices import PeakMemory  # noqa: E402
 
 MAX_RATIO = 1.2
 CONFIGS = {"sd": AutoencoderConfig.sd, "cpu4": lambda: AutoencoderConfig.cpu(4),
@@ -54,51 +53,36 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
-class PeakMemory:
-    """Context manager: ``self.peak_bytes`` = CUDA max_memory_allocated, or on CPU the peak RSS growth."""
-
-    def __init__(self, device: torch.device, interval_s: float = 0.002):
-        self.device, self.interval_s, self.peak_bytes = device, interval_s, 0
-        self._stop, self._process = threading.Event(), psutil.Process()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        release_free_memory()
-        self._rss_start = self._rss_peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
-            return
-        self._stop.set()
-        self._thread.join()
-        self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
-        self.peak_bytes = self._rss_peak - self._rss_start
+def peak_bytes(device: torch.device, run) -> int:
+    """Peak memory of ``run()``: CUDA's max allocated, or on the CPU the resident memory's growth over its start
+    (:class:`pipelines.core.devices.PeakMemory`)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    release_free_memory()
+    with PeakMemory(interval=0.002) as memory:
+        run()
+    return int(memory.growth_mb * 2**20)
 
 
 def measure(fn, device: torch.device, repeat: int) -> tuple[float, int]:
     """(best wall time in s, largest peak memory in bytes) of ``fn()`` over ``repeat`` runs."""
     best, peak = float("inf"), 0
+
+    def timed() -> None:
+        nonlocal best
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+        del out
+
     for _ in range(repeat):
-        with PeakMemory(device) as memory:
-            start = time.perf_counter()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - start)
-            del out
-        peak = max(peak, memory.peak_bytes)
+        peak = max(peak, peak_bytes(device, timed))
     return best, peak
 
 

@@ -305,6 +305,7 @@ def test_world_analysis_reads_prompts_from_the_generation_record(tmp_path):
     assert world["videos"] == 4 and len(world["per_video"]) == 4
     assert world["colour_accuracy"] == world["shape_accuracy"] == world["direction_accuracy"] == 1.0
     assert world["jump_ratio_mean"] == pytest.approx(1.0, abs=0.5)  # rendered motion is continuous at frame 8
+    assert world["identity_per_chunk"] == 1.0 and world["chunks"] == 8  # two chunks per rendered video
     assert "world colour accuracy" in (tmp_path / "out" / "metrics.md").read_text()
 
 

@@ -22,12 +22,18 @@ def resolve_device(name: Device) -> torch.device:
 
 
 class PeakMemory:
-    """Peak resident memory (MB) of this process while a block runs, sampled every 20 ms; with CUDA also the
-    peak of allocated GPU memory (``peak_cuda_mb``)."""
+    """Peak resident memory (MB) of this process while a block runs (``peak``), its growth over the resident
+    memory at the start (``growth_mb``), sampled every ``interval`` seconds; with CUDA also the peak of
+    allocated GPU memory (``peak_cuda_mb``)."""
 
     def __init__(self, interval: float = 0.02):
-        self.peak, self.peak_cuda_mb, self.interval = 0.0, 0.0, interval
+        self.peak, self.peak_cuda_mb, self.interval, self.start_mb = 0.0, 0.0, interval, 0.0
         self._stop, self._process = threading.Event(), psutil.Process()
+
+    @property
+    def growth_mb(self) -> float:
+        """Peak resident memory above what the process held when the block started."""
+        return self.peak - self.start_mb
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -37,6 +43,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self.start_mb = self.peak = self._process.memory_info().rss / 2**20
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self

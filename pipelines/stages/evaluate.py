@@ -195,6 +195,7 @@ class World:
         row = {"file": path.name, "prompt": prompt, **{k: result[k] for k in self.KEYS}}
         row |= {f"{k}_correct": bool(result[f"{k}_correct"]) for k in self.KEYS}
         row["jump_ratio"] = _finite(result["jump_ratio"])
+        row["chunks"] = [{k: c[k] for k in ("colour", "shape", "identity")} for c in result["chunks"]]
         self.rows.append(row)
 
     def summary(self, with_prompt: int) -> dict:
@@ -203,8 +204,11 @@ class World:
                     for k in self.KEYS}
         every = sum(all(r[f"{k}_correct"] for k in self.KEYS) for r in self.rows) / n if n else None
         jumps = [r["jump_ratio"] for r in self.rows if r["jump_ratio"] is not None]
-        return {"videos": n, **accuracy, "all_correct": every, "jump_ratio_mean": float(np.mean(jumps)) if jumps
-                else None, "with_prompt": with_prompt, "not_world_prompts": self.not_world, "per_video": self.rows}
+        chunks = [c["identity"] for r in self.rows for c in r["chunks"]]
+        identity = {"identity_per_chunk": sum(chunks) / len(chunks) if chunks else None, "chunks": len(chunks)}
+        return {"videos": n, **accuracy, "all_correct": every, **identity,
+                "jump_ratio_mean": float(np.mean(jumps)) if jumps else None, "with_prompt": with_prompt,
+                "not_world_prompts": self.not_world, "per_video": self.rows}
 
 
 def _reason(error: Exception) -> str:
@@ -395,6 +399,8 @@ def metrics_markdown(metrics: dict) -> str:
         lines += [f"| world {k} accuracy ({w['videos']} videos) | {_show(w[f'{k}_accuracy'], 2)} |"
                   for k in World.KEYS]
         lines += [f"| world all correct | {_show(w['all_correct'], 2)} |",
+                  f"| world identity per chunk ({w['chunks']} chunks: colour and shape right) | "
+                  f"{_show(w['identity_per_chunk'], 2)} |",
                   f"| world jump ratio at chunk joins | {_show(w['jump_ratio_mean'], 2)} |"]
     notes = [n for n in (metrics.get("note"), p.get("lpips_note"), p.get("note"), w.get("note")) if n]
     if notes:
