@@ -21,26 +21,21 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.core.files import atomic_write_json, atomic_write_text, fsync_directory, remove_stale_temporaries
+from pipelines.core.files import (
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_with,
+    fsync_directory,
+    remove_stale_temporaries,
+)
 
 LATEST = "latest"
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """Save a flat dict of tensors as safetensors, atomically (contiguous CPU copies)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as handle:  # on disk before the rename makes it visible
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save a flat dict of tensors as safetensors, atomically and durably (contiguous CPU copies)."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
 def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
