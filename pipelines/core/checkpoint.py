@@ -173,10 +173,15 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
+def read_trainer_state(directory: str | os.PathLike) -> dict:
+    """A checkpoint's ``trainer_state.json`` (step, config, and what its trainer recorded)."""
+    return json.loads((Path(directory) / "trainer_state.json").read_text())
+
+
 def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, dict], dict[str, Any], dict]:
     """Read a checkpoint: (modules name → state dict, states name → nested state, trainer_state info)."""
     directory = Path(directory)
-    info = json.loads((directory / "trainer_state.json").read_text())
+    info = read_trainer_state(directory)
     modules, states = {}, {}
     for file in directory.glob("*.safetensors"):
         if (directory / f"{file.stem}.json").is_file():

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipelines.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pipelines.core.config import ConfigError, OptimConfig, RunConfig, UserError, save_resolved_config
+from pipelines.core.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from pipelines.core.config import ConfigError, OptimConfig, RunConfig, UserError, config_to_dict, save_resolved_config
 from pipelines.core.visual import LossLog
 
 
@@ -68,8 +68,6 @@ def start_run(accelerator, config: Any, run: RunConfig, name: str) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out)
     if run.report_to != "none":
-        from pipelines.core.config import config_to_dict
-
         accelerator.init_trackers(name, config=_flat_scalars(config_to_dict(config)))
     return out
 
@@ -287,7 +285,7 @@ class TrainingState:
         if found is None:
             return False
         if config is not None:
-            saved = load_checkpoint_info(found).get("config", {})
+            saved = read_trainer_state(found).get("config", {})
             changed = _differences({k: saved.get(k) for k in must_match}, {k: config.get(k) for k in must_match})
             if changed:
                 raise ConfigError(f"{', '.join(changed[:5])}: differ from the checkpoint in {found}; use another "
@@ -295,13 +293,6 @@ class TrainingState:
         self.restore(found, accelerator)
         log(f"resumed from {found} (step {self.step})")
         return True
-
-
-def load_checkpoint_info(directory: Path) -> dict:
-    """A checkpoint's ``trainer_state.json``."""
-    import json
-
-    return json.loads((Path(directory) / "trainer_state.json").read_text())
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

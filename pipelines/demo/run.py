@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -24,10 +25,19 @@ from pipelines.demo.config import DemoConfig
 from pipelines.evaluation.config import EvaluateConfig
 from pipelines.media.video_io import read_frames
 from pipelines.stages.encode_latents import encode_latents
+from pipelines.stages.evaluate import evaluate
 from pipelines.stages.generate import generate
 from pipelines.stages.train_autoencoder import train_autoencoder
 from pipelines.stages.train_diffusion import train_diffusion
-from pipelines.world.synthetic import COLOURS, DIRECTIONS, SHAPES, analyse_video, make_world
+from pipelines.world.synthetic import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    analyse_video,
+    classify_shape,
+    make_world,
+    parse_caption,
+)
 
 METHODS = ("reconstruction", "replacement")
 
@@ -105,8 +115,6 @@ def identity_summary(videos: list[list[dict]]) -> dict:
 def shape_classifier_accuracy(world: Path, count: int = 96) -> float:
     """How often :func:`classify_shape` names the shape of the world's own training videos (its captions are
     the truth): the analyser's own accuracy, beside the figures it grades."""
-    from pipelines.world.synthetic import classify_shape, parse_caption
-
     records = [json.loads(line) for line in (world / "captions.jsonl").read_text().splitlines() if line.strip()]
     right = [classify_shape(read_frames(world / r["path"])) == parse_caption(r["caption"])["shape"]
              for r in records[:count]]
@@ -141,10 +149,6 @@ def video_distances(cfg: DemoConfig, results: dict[str, dict], out: Path, log) -
     if not cfg.metrics.i3d:
         return {"computed": False, "how": "set metrics.i3d=/path/to/i3d_torchscript.pt (StyleGAN-V's I3D) "
                                           "to add FVD and KVD to this report"}
-    import shutil
-
-    from pipelines.stages.evaluate import evaluate
-
     distances = {"computed": True}
     for method, result in results.items():
         folder = out / "work" / "fvd" / method

@@ -17,6 +17,7 @@ a rerun with other settings refuses to mix them in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -119,8 +121,6 @@ class LatentDataset(Dataset):
 
     def made_by_text_encoder(self, text: Any) -> bool:
         """Whether the shards hold embeddings of the frozen text encoder ``text`` (a ``TextConfig``) describes."""
-        import dataclasses
-
         wanted = text_identity(dataclasses.asdict(text))
         tokens = self.manifest.get("has_context") or not text.use_tokens  # cross-attention needs the tokens
         return bool(self.manifest.get("has_cond")) and tokens and text_identity(self.manifest.get("text", {})) == wanted
@@ -130,6 +130,4 @@ class LatentDataset(Dataset):
         path = self.root / NULL_TEXT
         if not path.is_file():
             return None
-        from safetensors.torch import load_file
-
         return {k: v.float() for k, v in load_file(path).items()}

@@ -5,7 +5,6 @@ from a typed config, saved in (and loaded from) training checkpoints, and bound 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from diffusion import Denoiser, NoiseSchedule, UNet3D, UNet3DConfig, classifier_free_guidance, get_sampler
-from pipelines.core.checkpoint import latest_checkpoint
+from pipelines.core.checkpoint import latest_checkpoint, read_trainer_state
 from pipelines.core.config import UserError
 from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
 from pipelines.models.text import build_text_encoder, conditioning_dims, select
@@ -116,7 +115,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_diffusion(path: str | Path, device: torch.device | str = "cpu", use_ema: bool = True) -> DiffusionBundle:
     """Rebuild the model a diffusion training run saved (EMA weights by default)."""
     directory = resolve_checkpoint(path)
-    info = json.loads((directory / "trainer_state.json").read_text())
+    info = read_trainer_state(directory)
     cfg = _from_saved({k: info["config"][k] for k in ("model", "text")}, SavedModel)
     text_encoder = build_text_encoder(cfg.text)
     net = UNet3D(cfg.model.unet)
