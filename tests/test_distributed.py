@@ -6,10 +6,13 @@ Every run is a real subprocess (``accelerate launch --multi_gpu --num_processes 
 ``python scripts/...`` for one process) with ``OMP_NUM_THREADS=1``, a fresh ``run.out_dir`` and a free port.
 
 Measured on the 2-core development CPU (4 steps of the tiny U-Net, ``run.ema_decay=0.9``): two processes at batch 4,
-one at batch 8 and one at batch 4 with ``grad_accum=2`` agree to at most 3e-8 absolute in every saved tensor
-(weights, EMA, AdamW moments), at most 1.5e-5 of the tensor's largest entry, and loss.csv to 1e-7 relative (the
-two-process and the accumulating run agree bit for bit); a killed and resumed run ends bit for bit where the unkilled
-run does. The bounds asserted are 1e-4 (of each tensor's largest entry; relative for losses).
+one at batch 8 and one at batch 4 with ``grad_accum=2`` agree in every saved tensor (weights, EMA, AdamW moments) to
+at most 2e-6 relative in norm (``|a - b| / |b|``), and loss.csv to 1e-7 relative (the two-process and the accumulating
+run agree bit for bit); a killed and resumed run ends bit for bit where the unkilled run does. Element-wise bounds are
+machine-dependent for tensors that start at zero (a residual block's output convolution, whose EMA after 4 steps is
+of the order of the learning rate): the worst element there was 1.5e-5 of the tensor's largest entry here and 1.3e-4
+on the CI machine, so the state is compared in norm. The bounds asserted are 1e-4 (relative in norm per saved tensor;
+relative for losses): a wrong split of the batch moves the AdamW moments by tens of per cent.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from safetensors.torch import load_file
 from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-TOL = 1e-4  # bound on max |a - b| / max |b| per saved tensor, and on the relative difference of logged losses
+TOL = 1e-4  # bound on |a - b| / |b| (norms) per saved tensor, and on the relative difference of logged losses
 STEPS = 4  # checkpoints at 2 and 4 (checkpoint_every=2 in diffusion_overrides)
 GLOBAL_BATCH = 8
 PORT = "<free port>"  # filled in by with_port at each launch
@@ -93,8 +96,8 @@ def tensors(checkpoint: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def assert_same_state(a: Path, b: Path, tol: float = TOL) -> float:
-    """The two checkpoints hold the same files and tensors up to ``tol`` of each tensor's largest entry (``tol=0``:
-    bit-for-bit); returns the largest such relative difference."""
+    """The two checkpoints hold the same files and tensors, each within ``tol`` of the other relative in norm
+    (``tol=0``: bit-for-bit); returns the largest such relative difference."""
     ta, tb = tensors(a), tensors(b)
     assert set(ta) == set(tb) and {"unet", "ema_unet", "optimizer_main"} <= set(ta)
     worst = 0.0
@@ -106,9 +109,9 @@ def assert_same_state(a: Path, b: Path, tol: float = TOL) -> float:
             if tol == 0 or not x.is_floating_point():
                 assert torch.equal(x, y), (name, key)
                 continue
-            scale = float(y.abs().max()) if y.numel() else 0.0
-            diff = float((x.double() - y.double()).abs().max()) if y.numel() else 0.0
-            assert diff <= tol * scale + 1e-12, f"{name}/{key}: max diff {diff:.3g} vs scale {scale:.3g}"
+            scale = float(y.double().norm())
+            diff = float((x.double() - y.double()).norm())
+            assert diff <= tol * scale + 1e-12, f"{name}/{key}: |a - b| = {diff:.3g} against |b| = {scale:.3g}"
             worst = max(worst, diff / scale if scale else 0.0)
     for meta in ("trainer_state.json",):
         sa, sb = json.loads((a / meta).read_text()), json.loads((b / meta).read_text())
