@@ -11,12 +11,19 @@ from pipelines.demo.run import run_demo, video_distances
 from tests.test_evaluate import TinyI3D
 
 
-def test_quick_demo_runs_the_chain_and_reports(tmp_path):
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tuple:
+    """The quick demo, run once: its config, its report and its folder."""
+    tmp_path = tmp_path_factory.mktemp("demo")
     detector = tmp_path / "i3d_torchscript.pt"  # a tiny stand-in with the I3D port's call signature
     torch.jit.script(TinyI3D().eval()).save(str(detector))
     cfg = load_config(DemoConfig, "configs/demo/quick.yaml", [f"out_dir={tmp_path}", f"metrics.i3d={detector}",
                                                               "metrics.frames_per_clip=8"])
-    report = run_demo(cfg, log=lambda *a: None)
+    return cfg, run_demo(cfg, log=lambda *a: None), tmp_path
+
+
+def test_quick_demo_runs_the_chain_and_reports(quick_demo):
+    cfg, report, tmp_path = quick_demo
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     for key in ("psnr", "ssim", "steps", "seconds"):
@@ -41,17 +48,46 @@ def test_quick_demo_runs_the_chain_and_reports(tmp_path):
         per_video = saved["generation"]["chunks"]
         assert identity["chunks"] == per_video * len(cfg.generate.prompts) and len(identity["by_chunk"]) == per_video
         assert identity["identity"] <= min(identity["colour"], identity["shape"])
-    assert (tmp_path / "identity_by_chunk.png").is_file() and 0.5 <= quality["shape_classifier_accuracy"] <= 1
+    assert (tmp_path / "identity_by_chunk.png").is_file() and (tmp_path / "guidance_sweep.png").is_file()
+    assert set(quality["shape_classifier_accuracy"]) == {"world_videos", "autoencoder_reconstructions"}
+    assert quality["shape_classifier_accuracy"]["world_videos"] == 1.0  # the world's own shapes, every one
+    # the guidance sweep: every weight asked for (and the default), on the held-out and as many training captions
+    sweep = quality["guidance_sweep"]
+    assert [r["w"] for r in sweep["by_w"].values()] == sorted({*cfg.sweep.weights, cfg.generate.sampling.guidance})
+    assert sweep["prompts"]["held_out"] == cfg.world.held_out
+    assert len(sweep["prompts"]["seen"]) == cfg.sweep.seen_prompts
+    assert not set(sweep["prompts"]["seen"]) & set(cfg.world.held_out)
+    for row in sweep["by_w"].values():
+        assert row["held_out"]["videos"] == len(cfg.world.held_out) and row["seen"]["videos"] == cfg.sweep.seen_prompts
+        for group in ("all", "held_out", "seen"):
+            assert row[group]["adherence"] <= min(row[group][k] for k in ("colour", "shape", "direction"))
+    assert len(list((tmp_path / "sweep").glob("*.mp4"))) == len(sweep["by_w"]) * (len(cfg.world.held_out) + 2)
+    # no training video shows a held-out caption
+    captions = (tmp_path / "work" / "world" / "train" / "captions.jsonl").read_text()
+    assert all(f'"{c}"' not in captions for c in cfg.world.held_out)
+    # the long videos, graded chunk by chunk
+    long = quality["long"]
+    assert long["num_frames"] == cfg.long.num_frames and long["videos"] == cfg.long.prompts
+    assert len(long["identity"]["by_chunk"]) == long["chunks"]
+    assert len(long["jumps"]["by_boundary"]) == long["chunks"] - 1
+    for file in long["files"]:
+        assert (tmp_path / file).is_file()
     assert saved["total_seconds_x_peak_gflops"] == round(saved["total_seconds"]
                                                          * saved["machine"]["fp32_matmul_peak_gflops"])
     assert set(saved["targets"]) == {"autoencoder_psnr_db", "color_accuracy", "direction_accuracy",
-                                     "boundary_jump_ratio", "total_seconds"}
+                                     "identity_reconstruction", "identity_long", "held_out_adherence",
+                                     "total_seconds", "total_seconds_x_peak_gflops", "boundary_jump_ratio",
+                                     "guidance_helps"}
     # every target's verdict agrees with its value and its threshold
     for name, target in saved["targets"].items():
         if name == "boundary_jump_ratio":
             jumps = quality["boundary_jump_ratio"]
             guided, replaced = jumps["reconstruction_guidance"], jumps["replacement"]
-            expected = guided is not None and guided <= 2 and (replaced is None or guided <= replaced)
+            expected = guided is not None and guided <= 1.5 and (replaced is None or guided <= 0.75 * replaced)
+        elif name == "guidance_helps":
+            value = target["value"]
+            expected = (value["w"] > 0 and value["adherence"] >= value["at_w0"]["adherence"]
+                        and value["identity"] >= value["at_w0"]["identity"])
         else:
             op, threshold = target["target"].split()
             expected = target["value"] >= float(threshold) if op == ">=" else target["value"] <= float(threshold)
@@ -62,6 +98,19 @@ def test_quick_demo_runs_the_chain_and_reports(tmp_path):
     direction = sum(s["direction"] == p[-1] for s, p in zip(saved["samples"], prompts)) / len(prompts)
     assert quality["color_accuracy"] == pytest.approx(colour)
     assert quality["direction_accuracy"] == pytest.approx(direction)
+
+
+def test_extension_options_are_compared_on_the_same_prompts(quick_demo, tmp_path):
+    """benchmarks/extension_options.py on the trained quick demo: every variant graded, the options applied."""
+    from benchmarks.extension_options import compare_extensions
+
+    cfg = quick_demo[0]
+    rows = compare_extensions(cfg, ["baseline", "context_8"], tmp_path / "options", log=lambda *a: None)
+    assert [r["variant"] for r in rows] == ["baseline", "context_8"]
+    for row in rows:
+        assert 0 <= row["identity"] <= min(row["colour"], row["shape"]) and row["jump_ratio"] is not None
+        saved = json.loads(next((tmp_path / "options" / row["variant"]).glob("generation_*.json")).read_text())
+        assert saved["context_frames"] == (8 if row["variant"] == "context_8" else cfg.generate.context_frames)
 
 
 def test_without_a_detector_the_report_says_how_to_add_fvd(tmp_path):

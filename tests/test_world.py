@@ -120,7 +120,28 @@ def test_make_world_rerenders_when_the_spec_changes(tmp_path):
 def test_analyser_recovers_colour_shape_and_direction_of_rendered_clips():
     clips = [(render_clip(p, SPEC), p.caption) for p in (world_params(i, SPEC, seed=3) for i in range(48))]
     score = _score(clips)
-    assert score["colour"] >= 47 and score["direction"] >= 47 and score["shape"] >= 47, score
+    assert score["colour"] >= 47 and score["direction"] >= 47 and score["shape"] == 48, score
+
+
+def test_shape_classifier_survives_blur_and_keeps_its_margins():
+    """The shape features of the world's own clips fall in disjoint ranges, apart by a wide margin on both sides
+    of each threshold, and a blur like an autoencoder's (σ = 0.8 px) changes no answer."""
+    from scipy.ndimage import gaussian_filter
+
+    from pipelines.world.synthetic import SQUARE_KURTOSIS_GAP, TRIANGLE_SKEW, _shape_features, classify_shape
+
+    params = [world_params(i, SPEC, seed=5) for i in range(96)]
+    features = {shape: [] for shape in ("circle", "square", "triangle")}
+    for p in params:
+        clip = render_clip(p, SPEC)
+        blurred = gaussian_filter(clip.astype(float), sigma=(0, 0.8, 0.8, 0)).round().astype(np.uint8)
+        assert classify_shape(clip) == classify_shape(blurred) == p.shape, p
+        features[p.shape] += [f for f in map(_shape_features, clip.max(axis=-1).astype(float)) if f is not None]
+    skew = {s: np.array(v)[:, 0] for s, v in features.items()}
+    gap = {s: np.array(v)[:, 1] for s, v in features.items()}
+    assert skew["triangle"].max() < TRIANGLE_SKEW - 0.1 < TRIANGLE_SKEW + 0.1 < min(skew["circle"].min(),
+                                                                                     skew["square"].min())
+    assert np.median(gap["circle"]) < SQUARE_KURTOSIS_GAP - 0.15 < SQUARE_KURTOSIS_GAP + 0.15 < np.median(gap["square"])
 
 
 def _bounces(params: WorldParams, spec: WorldSpec = SPEC) -> bool:
@@ -141,7 +162,7 @@ def test_mp4_round_trip_still_analyses_correctly(world):
     out, records = world
     clips = [(read_frames(out / "train" / r["path"]), r["caption"]) for r in records]
     score = _score(clips)
-    assert score["colour"] >= 47 and score["direction"] >= 47 and score["shape"] >= 47, score
+    assert score["colour"] >= 47 and score["direction"] >= 47 and score["shape"] == 48, score
 
 
 def test_analyser_takes_float_videos_from_the_dataset(world):
@@ -219,3 +240,32 @@ def test_identity_is_graded_per_chunk():
     assert [c["identity"] for c in chunk_identity(red_circle, "a red circle moving right", [6, 12])] == [True] * 3
     result = analyse_video(video, "a red circle moving right", [8])
     assert len(result["chunks"]) == 2
+
+
+def test_held_out_captions_never_appear_and_every_word_is_still_seen(tmp_path):
+    from pipelines.world.synthetic import training_combos
+
+    held_out = ["a red square moving left", "a blue circle moving up"]
+    records = make_world(tmp_path, 92, SPEC, seed=0, held_out=held_out)
+    captions = [r["caption"] for r in records]
+    assert not set(captions) & set(held_out)
+    assert len(set(captions)) == 46 and all(captions.count(c) == 2 for c in set(captions))  # 2 cycles of 46
+    assert json.loads((tmp_path / "train" / "world.json").read_text())["held_out"] == sorted(held_out)
+    assert len(training_combos(held_out)) == 46 and training_combos() == COMBOS
+    every_circle = [f"a {c} circle moving {d}" for c in ("red", "green", "blue", "yellow")
+                    for d in ("left", "right", "up", "down")]
+    with pytest.raises(ValueError, match="circle"):
+        training_combos(every_circle)
+    with pytest.raises(ValueError, match="not a world caption"):
+        training_combos(["a purple circle moving left"])
+
+
+def test_boundary_jumps_are_given_per_boundary():
+    from pipelines.world.synthetic import boundary_jumps
+
+    track = np.stack([np.arange(12.0), np.zeros(12)], axis=1)  # 1 px a frame
+    track[6:] += [4.0, 0.0]  # a jump of 5 px into frame 6
+    track[9, :] = np.nan  # the object is gone in frame 9
+    jumps = boundary_jumps(track, [3, 6, 9])
+    assert jumps[:2] == [1.0, 5.0] and np.isnan(jumps[2])
+    assert boundary_jump_ratio(track, [3, 6, 9]) == 3.0  # mean over the boundaries where the object is seen

@@ -9,6 +9,10 @@ from pipelines.evaluation.config import MetricsConfig
 from pipelines.stages.configs import AutoencoderTrainConfig, DiffusionTrainConfig, EncodeConfig, GenerateConfig
 from pipelines.world.config import WorldSpec
 
+HELD_OUT = ("a red square moving left", "a red triangle moving down", "a green circle moving right",
+            "a green triangle moving up", "a blue circle moving up", "a blue square moving down",
+            "a yellow square moving right", "a yellow triangle moving left")  # each colour and direction twice
+
 
 @dataclass
 class WorldConfig:
@@ -17,6 +21,26 @@ class WorldConfig:
     videos: int = 480  # the autoencoder holds out a hashed tenth of them for its PSNR / SSIM
     spec: WorldSpec = field(default_factory=lambda: WorldSpec(min_speed=2.0, max_speed=3.0, min_run_frames=6))
     seed: int = 0
+    held_out: list[str] = field(default_factory=lambda: list(HELD_OUT))  # captions no training video shows
+    # (every colour, shape and direction is still seen); the report grades them apart
+
+
+@dataclass
+class GuidanceSweepConfig:
+    """Classifier-free guidance weights the report compares, each on the same prompts and seeds: the world's
+    held-out captions and as many training captions, one chunk each (the generation's own sampler otherwise)."""
+
+    weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])  # w; the default one is added if absent
+    seen_prompts: int = 8  # training captions beside the held-out ones
+
+
+@dataclass
+class LongVideoConfig:
+    """A few long videos by autoregressive extension (the generation's method and sampler), graded chunk by
+    chunk: does identity decay, do boundaries stay seamless?"""
+
+    num_frames: int = 256  # 0: none
+    prompts: int = 4  # the first prompts of generate.prompts
 
 
 @dataclass
@@ -40,5 +64,7 @@ class DemoConfig:
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(prompts=[
         "a red circle moving right", "a green square moving down", "a blue triangle moving left",
         "a yellow circle moving up"]))  # both methods run on the same prompts and seeds
+    sweep: GuidanceSweepConfig = field(default_factory=GuidanceSweepConfig)
+    long: LongVideoConfig = field(default_factory=LongVideoConfig)
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(pairwise=False))  # FVD / KVD of each
     # method's videos against the world's training videos, when metrics.i3d points at i3d_torchscript.pt

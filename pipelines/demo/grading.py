@@ -1,0 +1,118 @@
+"""How the demo grades the videos it generates against their prompts, with the world's analyser: caption adherence
+(colour, shape and direction of the whole video), identity chunk by chunk (does the object stay the same object
+from one generated chunk to the next?) and the jumps at chunk boundaries, each as a share or a mean over videos,
+and by chunk index (does it decay along a long video?)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.media.video_io import read_frames
+from pipelines.world.synthetic import analyse_video, classify_shape, parse_caption
+
+
+def rounded(value, digits: int = 4):
+    """``value`` rounded for the report; None for a missing or non-finite figure."""
+    return None if value is None or not np.isfinite(value) else round(float(value), digits)
+
+
+def grade(result: dict, videos: Path) -> list[dict]:
+    """The analysis of every video of one :func:`pipelines.stages.generate.generate` result."""
+    return [analyse_video(read_frames(videos / s["file"]), s["prompt"], result["boundaries"]) | {
+        "prompt": s["prompt"], "file": s["file"]} for s in result["samples"]]
+
+
+def adherence(analyses: list[dict]) -> dict:
+    """Caption adherence of whole videos: the share with colour, shape and direction all right (``adherence``),
+    each apart, and ``identity`` (colour and shape right)."""
+    share = lambda keys: rounded(np.mean([all(a[f"{k}_correct"] for k in keys) for a in analyses]))  # noqa: E731
+    return {"adherence": share(("colour", "shape", "direction")), "colour": share(("colour",)),
+            "shape": share(("shape",)), "direction": share(("direction",)), "identity": share(("colour", "shape")),
+            "videos": len(analyses)}
+
+
+def identity_summary(videos: list[list[dict]]) -> dict:
+    """Per-chunk identity over all videos of a method: the share of chunks whose colour and shape are both right
+    (``identity``), each apart, and the identity by chunk index (does it decay along the video?)."""
+    chunks = [c for video in videos for c in video]
+    by_index = [[video[k]["identity"] for video in videos if k < len(video)] for k in range(max(map(len, videos)))]
+    share = lambda key: rounded(np.mean([c[key] for c in chunks])) if chunks else None  # noqa: E731
+    return {"identity": share("identity"), "colour": share("colour_correct"), "shape": share("shape_correct"),
+            "chunks": len(chunks), "by_chunk": [rounded(np.mean(v)) for v in by_index]}
+
+
+def jumps_summary(analyses: list[dict]) -> dict:
+    """Boundary jumps over the videos of one method: their mean (each video's mean first, as the report always
+    did) and the mean at each boundary index (NaN-free: boundaries where the object is absent are left out)."""
+    per_boundary = [[a["jumps"][k] for a in analyses if k < len(a["jumps"]) and np.isfinite(a["jumps"][k])]
+                    for k in range(max((len(a["jumps"]) for a in analyses), default=0))]
+    per_video = [a["jump_ratio"] for a in analyses if np.isfinite(a["jump_ratio"])]
+    return {"mean": rounded(np.mean(per_video), 3) if per_video else None,
+            "by_boundary": [rounded(np.mean(v), 3) if v else None for v in per_boundary]}
+
+
+def shape_classifier_accuracy(world: Path, count: int = 96, reconstruct=None) -> float:
+    """How often :func:`classify_shape` names the shape of the world's own training videos (their captions are
+    the truth), or of their reconstructions ``reconstruct(frames)`` by the autoencoder (the best any generated
+    video can look): the analyser's own accuracy, beside the figures it grades."""
+    records = [json.loads(line) for line in (world / "captions.jsonl").read_text().splitlines() if line.strip()]
+    right = []
+    for record in records[:count]:
+        frames = read_frames(world / record["path"])
+        shown = reconstruct(frames) if reconstruct else frames
+        right.append(classify_shape(shown) == parse_caption(record["caption"])["shape"])
+    return rounded(np.mean(right))
+
+
+def plot_identity(curves: dict[str, dict], jumps: dict[str, dict], path: Path) -> None:
+    """Identity by chunk index and boundary jump by boundary index, one line per set of videos: the picture of
+    "does the video stay the same video"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120)
+    for name, summary in curves.items():
+        left.plot(range(1, len(summary["by_chunk"]) + 1), summary["by_chunk"], marker="o", markersize=3, label=name)
+    left.set(xlabel="chunk", ylabel="identity (colour and shape right)", ylim=(-0.05, 1.05))
+    for name, summary in jumps.items():
+        values = [np.nan if v is None else v for v in summary["by_boundary"]]
+        right.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=name)
+    right.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+    right.set(xlabel="boundary", ylabel="jump / median motion inside chunks", ylim=(0, None))
+    for axis in (left, right):
+        axis.legend(fontsize=7)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_sweep(sweep: dict, path: Path) -> None:
+    """Caption adherence and its parts against the guidance weight w, held-out and training captions apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(sweep["by_w"].values(), key=lambda r: r["w"])
+    weights = [r["w"] for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120, sharey=True)
+    for axis, (group, title) in zip(axes, (("held_out", "held-out"), ("seen", "training"))):
+        for key in ("adherence", "colour", "shape", "direction"):
+            axis.plot(weights, [r[group][key] for r in rows], marker="o", label=key)
+        axis.set(title=f"{title} captions ({rows[0][group]['videos']} prompts)",
+                 xlabel="guidance weight w", ylim=(-0.05, 1.05))
+        axis.axvline(sweep["default"], color="grey", linewidth=0.8, linestyle=":")
+    axes[0].set_ylabel("share of videos right")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
