@@ -42,7 +42,7 @@ from pipelines.stages.evaluate import evaluate
 from pipelines.stages.generate import generate
 from pipelines.stages.train_autoencoder import train_autoencoder
 from pipelines.stages.train_diffusion import train_diffusion
-from pipelines.world.synthetic import make_world, training_combos
+from pipelines.world.synthetic import caption_of, make_world, training_combos
 
 METHODS = ("reconstruction", "replacement")
 
@@ -91,7 +91,7 @@ def sweep_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     drawn with the world's seed."""
     combos = training_combos(cfg.world.held_out)
     order = np.random.default_rng(cfg.world.seed).permutation(len(combos))[: cfg.sweep.seen_prompts]
-    return list(cfg.world.held_out), [f"a {combos[i][0]} {combos[i][1]} moving {combos[i][2]}" for i in order]
+    return list(cfg.world.held_out), [caption_of(combos[i]) for i in order]
 
 
 def guidance_sweep(cfg: DemoConfig, out: Path, log) -> dict:

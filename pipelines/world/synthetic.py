@@ -54,7 +54,13 @@ class WorldParams:
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape} moving {self.direction}"
+        return caption_of((self.colour, self.shape, self.direction))
+
+
+def caption_of(combo: Sequence[str]) -> str:
+    """The world's caption of ``(colour, shape, direction)``: ``"a <colour> <shape> moving <direction>"``."""
+    colour, shape, direction = combo
+    return f"a {colour} {shape} moving {direction}"
 
 
 def parse_caption(caption: str) -> dict[str, str]:
