@@ -80,6 +80,7 @@ def test_quick_demo_runs_the_chain_and_reports(quick_demo):
                                      "guidance_helps"}
     # every target's verdict agrees with its value and its threshold
     for name, target in saved["targets"].items():
+        assert target["what"] and target["what"] in (tmp_path / "report.md").read_text()
         if name == "boundary_jump_ratio":
             jumps = quality["boundary_jump_ratio"]
             guided, replaced = jumps["reconstruction_guidance"], jumps["replacement"]

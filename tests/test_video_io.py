@@ -217,3 +217,12 @@ def test_read_image(tmp_path):
     assert read_image(path).shape == (7, 9, 3)
     with pytest.raises(video_io.ImageReadError):
         read_image(garbage_file(tmp_path / "b.png"))
+
+
+def test_float_frames_round_trip_to_uint8():
+    from pipelines.media.video_io import as_float_frames, as_uint8_frames
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 10, 3), dtype=np.uint8)
+    video = as_float_frames(frames)
+    assert video.shape == (3, 3, 8, 10) and video.dtype == torch.float32 and -1 <= video.min() <= video.max() <= 1
+    np.testing.assert_array_equal(as_uint8_frames(video.movedim(1, 0)), frames)

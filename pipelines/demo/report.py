@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipelines.demo.config import DemoConfig
 
-REQUIRED = {  # name: (what, threshold, at least / at most)
+REQUIRED = {  # name: (what it measures, threshold, at least / at most)
     "autoencoder_psnr_db": ("autoencoder PSNR (dB)", 28, ">="),
     "color_accuracy": ("colour accuracy of the generated videos", 0.8, ">="),
     "direction_accuracy": ("direction accuracy of the generated videos", 0.7, ">="),
@@ -35,20 +35,23 @@ def targets(report: dict) -> dict[str, dict]:
         "total_seconds": report["total_seconds"],
         "total_seconds_x_peak_gflops": report["total_seconds_x_peak_gflops"],
     }
-    checks = {name: (values[name], f"{op} {threshold:g}", _compare(values[name], threshold, op))
-              for name, (_, threshold, op) in REQUIRED.items()}
+    checks = {name: (what, values[name], f"{op} {threshold:g}", _compare(values[name], threshold, op))
+              for name, (what, threshold, op) in REQUIRED.items()}
     jumps = q["boundary_jump_ratio"]
     guided, replaced = jumps["reconstruction_guidance"], jumps["replacement"]
-    checks["boundary_jump_ratio"] = (guided, "<= 1.5 and <= 0.75 × replacement", guided is not None and guided <= 1.5
+    checks["boundary_jump_ratio"] = ("boundary jump ratio, reconstruction guidance", guided,
+                                     "<= 1.5 and <= 0.75 × replacement", guided is not None and guided <= 1.5
                                      and (replaced is None or guided <= 0.75 * replaced))
     zero = sweep["by_w"].get("0")
     checks["guidance_helps"] = (
+        "the default guidance weight against w = 0, over the sweep's prompts",
         {"w": sweep["default"], "adherence": default["all"]["adherence"], "identity": default["all"]["identity"],
          "at_w0": None if zero is None else {k: zero["all"][k] for k in ("adherence", "identity")}},
         "default w > 0, adherence and identity >= w = 0's",
         zero is not None and sweep["default"] > 0 and default["all"]["adherence"] >= zero["all"]["adherence"]
         and default["all"]["identity"] >= zero["all"]["identity"])
-    return {name: {"value": value, "target": target, "met": bool(met)} for name, (value, target, met) in checks.items()}
+    return {name: {"what": what, "value": value, "target": target, "met": bool(met)}
+            for name, (what, value, target, met) in checks.items()}
 
 
 def _distances_line(d: dict) -> str:
@@ -114,8 +117,8 @@ def render_report(report: dict, cfg: DemoConfig) -> str:
         "Adherence: colour, shape and direction of the whole video all right. Identity per chunk: colour and shape of "
         "each generated chunk both right. Boundary jump ratio: the centroid's jump across each chunk boundary over "
         "its median frame-to-frame motion inside chunks (≈ 1: seamless).", "",
-        "| target | value | required | met |", "|---|---|---|---|",
-        *[f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
+        "| target | what | value | required | met |", "|---|---|---|---|---|",
+        *[f"| {name} | {t['what']} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
           for name, t in report["targets"].items()], "",
         "## Classifier-free guidance", "", *_sweep_table(sweep), "", "![guidance sweep](guidance_sweep.png)", "",
         f"Held-out captions (no training video shows them): {', '.join(sweep['prompts']['held_out'])}.", "",

@@ -37,6 +37,7 @@ from pipelines.demo.grading import (
 )
 from pipelines.demo.report import render_report, targets
 from pipelines.evaluation.config import EvaluateConfig
+from pipelines.media.video_io import as_float_frames
 from pipelines.stages.encode_latents import encode_latents
 from pipelines.stages.evaluate import evaluate
 from pipelines.stages.generate import generate
@@ -157,7 +158,7 @@ def classifier_accuracies(cfg: DemoConfig, world: Path) -> dict:
 
     @torch.no_grad()
     def reconstruct(frames: np.ndarray) -> torch.Tensor:
-        video = torch.from_numpy(frames).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+        video = as_float_frames(frames).movedim(1, 0)[None]  # [1, 3, f, H, W]
         return decode_video(vae, encode_video(vae, video))[0].clamp(-1, 1)
 
     return {"world_videos": shape_classifier_accuracy(world),

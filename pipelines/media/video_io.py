@@ -249,6 +249,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def as_float_frames(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``[f, H, W, 3]`` → float ``[f, 3, H, W]`` in [-1, 1] on ``device`` (the inverse of
+    :func:`as_uint8_frames` up to rounding)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def as_uint8_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:
     """``uint8 [f, H, W, 3]`` from uint8 frames (numpy or torch) or a float video ``[3, f, H, W]`` in [-1, 1]
     (the same frames pass through; other shapes and dtypes raise ValueError)."""

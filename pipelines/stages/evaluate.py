@@ -41,7 +41,7 @@ from pipelines.evaluation.fvd import (
     load_i3d,
 )
 from pipelines.media.datasets import VIDEO_EXTENSIONS, SkippedFileWarning, scan_media
-from pipelines.media.video_io import MediaReadError, read_frames, video_info
+from pipelines.media.video_io import MediaReadError, as_float_frames, read_frames, video_info
 from pipelines.world.synthetic import analyse_video, parse_caption
 
 PSNR_CAP = 100.0  # dB: identical frames would be infinite
@@ -129,11 +129,6 @@ def _read_clip(path: Path, m: MetricsConfig, start: str, rng: np.random.Generato
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-def _as_frames(clip: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 ``[f, H, W, 3]`` → float ``[f, 3, H, W]`` in [-1, 1] on ``device``."""
-    return torch.from_numpy(np.ascontiguousarray(clip)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 class Pairwise:
     """Per-frame PSNR, SSIM and LPIPS of generated clips against the real clips they pair with."""
 
@@ -157,7 +152,7 @@ class Pairwise:
         if real.shape != generated.shape:
             self._skip(real_path, f"frames are {real.shape[1:3]}, the generated ones {generated.shape[1:3]}")
             return
-        x, y = _as_frames(generated, self.device), _as_frames(real, self.device)
+        x, y = as_float_frames(generated, self.device), as_float_frames(real, self.device)
         self.scores["psnr"].append(psnr(x, y).clamp(max=PSNR_CAP).cpu())
         self.scores["ssim"].append(ssim(x, y).cpu())
         if self.lpips is not None:

@@ -353,9 +353,14 @@ def boundary_jumps(track: np.ndarray, boundaries: Sequence[int]) -> list[float]:
 def boundary_jump_ratio(track: np.ndarray, boundaries: Sequence[int]) -> float:
     """Mean of :func:`boundary_jumps` over the boundaries where the object is seen on both sides: the mean jump
     across chunk boundaries over the median motion inside chunks (NaN when no boundary is left)."""
-    jumps = np.array(boundary_jumps(track, boundaries))
-    jumps = jumps[~np.isnan(jumps)]
-    return float(jumps.mean()) if len(jumps) else float("nan")
+    return _finite_mean(boundary_jumps(track, boundaries))
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    """The mean of the finite values, NaN when there is none."""
+    finite = np.array(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.mean()) if len(finite) else float("nan")
 
 
 def chunk_identity(frames: np.ndarray | torch.Tensor, caption: str, boundaries: Sequence[int]) -> list[dict]:
@@ -389,13 +394,14 @@ def analyse_video(
     """
     frames = as_uint8_frames(frames)
     track = centroid_track(frames)
+    jumps = boundary_jumps(track, boundaries)
     result = {
         "colour": classify_colour(frames),
         "shape": classify_shape(frames),
         "direction": motion_direction(track),
         "track": track,
-        "jump_ratio": boundary_jump_ratio(track, boundaries),
-        "jumps": boundary_jumps(track, boundaries),
+        "jump_ratio": _finite_mean(jumps),
+        "jumps": jumps,
     }
     if caption is not None:
         truth = parse_caption(caption)
