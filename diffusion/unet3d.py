@@ -51,6 +51,15 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+def pointwise(conv: nn.Conv2d, tokens: Tensor) -> Tensor:
+    """A 1×1 convolution applied to channel-last tokens ``[..., c_in] -> [..., c_out]`` as one matrix product.
+
+    Attention works on tokens anyway, so its projections skip the NCHW convolution (on the CPU, oneDNN's 1×1
+    convolution at 8×8 took longer than the attention itself) while keeping the ``Conv2d`` parameters, so
+    checkpoints load unchanged."""
+    return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+
 def noise_level_features(logsnr: Tensor, dim: int) -> Tensor:
     """Sinusoidal features of λ_t: ``[b] -> [b, dim]``, frequencies geometric from 10 down to 0.01 so the
     whole clipped range λ ∈ [−20, 20] is resolved."""
@@ -123,9 +132,11 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: Tensor, state: FrameState) -> Tensor:
         n, c, h, w = x.shape
-        qkv = rearrange(self.qkv(self.norm(x)), "n (three m d) h w -> three n m (h w) d", three=3, m=self.heads)
-        out = attention(qkv[0], qkv[1], qkv[2], backend=self.backend)  # [(b f), heads, h·w, d]
-        x = x + self.proj(rearrange(out, "n m (h w) d -> n (m d) h w", h=h, w=w))
+        qkv = pointwise(self.qkv, rearrange(self.norm(x), "n c h w -> n (h w) c"))
+        q, k, v = rearrange(qkv, "n l (three m d) -> three n m l d", three=3, m=self.heads).unbind(0)
+        out = attention(q, k, v, backend=self.backend)  # [(b f), heads, h·w, d]
+        out = pointwise(self.proj, rearrange(out, "n m l d -> n l (m d)"))
+        x = x + rearrange(out, "n (h w) c -> n c h w", h=h, w=w)
         if self.cross is not None:
             x = self.cross(x, state)
         return x
@@ -146,10 +157,12 @@ class CrossAttention(nn.Module):
         if state.context is None:
             raise ValueError("this U-Net has cross-attention (context_dim > 0): pass context [b, n, context_dim]")
         n, c, h, w = x.shape
-        q = rearrange(self.q(self.norm(x)), "n (m d) h w -> n m (h w) d", m=self.heads)
-        kv = rearrange(self.kv(state.context.to(x.dtype)), "n l (two m d) -> two n m l d", two=2, m=self.heads)
-        out = attention(q, kv[0], kv[1], backend=self.backend)
-        return x + self.proj(rearrange(out, "n m (h w) d -> n (m d) h w", h=h, w=w))
+        q = rearrange(pointwise(self.q, rearrange(self.norm(x), "n c h w -> n (h w) c")), "n l (m d) -> n m l d",
+                      m=self.heads)
+        k, v = rearrange(self.kv(state.context.to(x.dtype)), "n l (two m d) -> two n m l d", two=2,
+                         m=self.heads).unbind(0)
+        out = pointwise(self.proj, rearrange(attention(q, k, v, backend=self.backend), "n m l d -> n l (m d)"))
+        return x + rearrange(out, "n (h w) c -> n c h w", h=h, w=w)
 
 
 class TemporalAttention(nn.Module):
@@ -180,13 +193,14 @@ class TemporalAttention(nn.Module):
     def forward(self, x: Tensor, state: FrameState) -> Tensor:
         n, c, h, w = x.shape
         f = state.num_frames
-        qkv = rearrange(self.qkv(self.norm(x)), "(b f) (three m d) h w -> three (b h w) m f d",
-                        f=f, three=3, m=self.heads)
-        bias = self.relative_bias(qkv[0])
+        qkv = pointwise(self.qkv, rearrange(self.norm(x), "(b f) c h w -> (b h w) f c", f=f))
+        q, k, v = rearrange(qkv, "n f (three m d) -> three n m f d", three=3, m=self.heads).unbind(0)
+        bias = self.relative_bias(q)
         if state.temporal_mask is not None:
             bias = bias + state.temporal_mask.to(bias.dtype)
-        out = attention(qkv[0], qkv[1], qkv[2], bias=bias, backend=self.backend)  # [(b h w), heads, f, d]
-        return x + self.proj(rearrange(out, "(b h w) m f d -> (b f) (m d) h w", h=h, w=w))
+        out = attention(q, k, v, bias=bias, backend=self.backend)  # [(b h w), heads, f, d]
+        out = pointwise(self.proj, rearrange(out, "n m f d -> n f (m d)"))
+        return x + rearrange(out, "(b h w) f c -> (b f) c h w", h=h, w=w)
 
 
 class Downsample(nn.Module):

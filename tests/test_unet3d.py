@@ -5,7 +5,7 @@ import torch
 
 from diffusion import UNet3D
 from diffusion.attention import attention, math_attention, xformers_available
-from diffusion.unet3d import temporal_image_mask
+from diffusion.unet3d import pointwise, temporal_image_mask
 from tests.models import randomise_temporal_layers, tiny_unet_config
 
 
@@ -232,3 +232,41 @@ def test_video_start_switches_the_frame_positions_per_sample():
     torch.testing.assert_close(mixed[1:], without[1:], rtol=1e-5, atol=1e-5)
     net.frame_positions.zero_()
     torch.testing.assert_close(net(z, logsnr, cond), without, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_projections_on_tokens_equal_the_1x1_convolutions_they_keep():
+    """The attention blocks project tokens with the weights of their ``Conv2d`` layers (checkpoints load as
+    before): the same numbers as running the convolution on the NCHW activations."""
+    conv = torch.nn.Conv2d(8, 24, 1)
+    x = torch.randn(3, 8, 5, 4)
+    tokens = x.flatten(2).transpose(1, 2)  # [n, h·w, c]
+    expected = conv(x).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(pointwise(conv, tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_blocks_equal_their_nchw_reference():
+    """Spatial and temporal attention written out with the 1×1 convolutions on NCHW activations and the math
+    kernel: what the token-layout blocks must compute."""
+    from einops import rearrange
+
+    from diffusion.unet3d import FrameState, SpatialAttention, TemporalAttention
+
+    torch.manual_seed(0)
+    b, f, c, h, w, heads = 2, 5, 16, 4, 3, 2
+    x = torch.randn(b * f, c, h, w)
+    state = FrameState(emb=torch.randn(b * f, 8), num_frames=f)
+    spatial, temporal = SpatialAttention(c, c // heads, 4, 0, "sdpa"), TemporalAttention(c, c // heads, 4, 3, "sdpa")
+    for block in (spatial, temporal):
+        torch.nn.init.normal_(block.proj.weight, std=0.2)  # zero-initialised: the check would not see it
+    torch.nn.init.normal_(temporal.relative_scalar, std=0.5)
+
+    qkv = rearrange(spatial.qkv(spatial.norm(x)), "n (three m d) h w -> three n m (h w) d", three=3, m=heads)
+    out = math_attention(qkv[0], qkv[1], qkv[2])
+    expected = x + spatial.proj(rearrange(out, "n m (h w) d -> n (m d) h w", h=h, w=w))
+    torch.testing.assert_close(spatial(x, state), expected, rtol=1e-5, atol=1e-5)
+
+    qkv = rearrange(temporal.qkv(temporal.norm(x)), "(b f) (three m d) h w -> three (b h w) m f d", f=f, three=3,
+                    m=heads)
+    out = math_attention(qkv[0], qkv[1], qkv[2], bias=temporal.relative_bias(qkv[0]))
+    expected = x + temporal.proj(rearrange(out, "(b h w) m f d -> (b f) (m d) h w", h=h, w=w))
+    torch.testing.assert_close(temporal(x, state), expected, rtol=1e-5, atol=1e-5)
