@@ -91,7 +91,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h·w positions, x ↦ x + proj_out(softmax(q kᵀ/√c) v).
 
-    q, k, v, proj_out are 1×1 convs (LDM layout); the product runs in ``F.scaled_dot_product_attention``.
+    q, k, v, proj_out are 1×1 convs (LDM layout, so LDM and diffusers weights load), applied to the tokens as
+    matrix products (oneDNN's 1×1 convolution is slow at small h·w on the CPU); the product runs in
+    ``F.scaled_dot_product_attention``.
     """
 
     def __init__(self, channels: int, config: AutoencoderConfig):
@@ -103,12 +105,11 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x)
-        # [n, c, h, w] -> [n, 1 head, h·w tokens, c]
-        q, k, v = (rearrange(proj(h), "n c h w -> n 1 (h w) c") for proj in (self.q, self.k, self.v))
+        tokens = rearrange(self.norm(x), "n c h w -> n 1 (h w) c")  # one head of h·w tokens
+        q, k, v = (F.linear(tokens, proj.weight.flatten(1), proj.bias) for proj in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/√c, as LDM's c^(-1/2)
-        out = rearrange(out, "n 1 (h w) c -> n c h w", h=x.shape[2])
-        return x + self.proj_out(out)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + rearrange(out, "n 1 (h w) c -> n c h w", h=x.shape[2])
 
 
 class Downsample(nn.Module):
