@@ -18,7 +18,9 @@ class ScheduleConfig:
     * ``cosine`` (the paper's): ``λ(t) = −2 log tan(a t + b)`` with ``b = arctan(e^{−λ_max/2})`` and
       ``a = arctan(e^{−λ_min/2}) − b``, so ``λ(0) = λ_max`` and ``λ(1) = λ_min`` exactly.
       ``shift`` adds a constant to λ (the "shifted cosine" of Hoogeboom et al. 2023; ``2·log(64/res)``
-      for a ``res``-pixel model) while the endpoints stay at the clip range.
+      for a ``res``-pixel model) while the endpoints stay at the clip range. With ``shift_clean`` the shift
+      itself moves with t, the "interpolated" schedule of the same paper: ``λ(t) = t·λ_shift(t) +
+      (1 − t)·λ_shift_clean(t)``, so the noisy end keeps ``shift`` and the clean end ``shift_clean``.
     * ``linear``: the continuous DDPM schedule with β linear in t (β₀ = 0.1, β₁ = 20, as in Song et al.'s VP
       SDE): ``λ(t) = −log(expm1(β₀ t + ½ (β₁ − β₀) t²))``, for comparison.
     """
@@ -27,12 +29,15 @@ class ScheduleConfig:
     logsnr_min: float = -20.0
     logsnr_max: float = 20.0
     shift: float = 0.0  # added to λ: negative values train and sample more at high noise
+    shift_clean: Optional[float] = None  # cosine: the shift at t = 0, interpolated linearly in t to shift at t = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("cosine", "linear"):
             raise ValueError(f"schedule kind must be 'cosine' or 'linear', got {self.kind!r}")
         if not self.logsnr_min < self.logsnr_max:
             raise ValueError("logsnr_min must be below logsnr_max")
+        if self.shift_clean is not None and self.kind != "cosine":
+            raise ValueError("shift_clean interpolates shifted cosine schedules: it needs kind 'cosine'")
 
 
 @dataclass

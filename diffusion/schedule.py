@@ -51,14 +51,20 @@ class NoiseSchedule(ScheduleConfig):
         """λ_t for diffusion times ``t`` (any shape, values in [0, 1])."""
         t = t.to(torch.float64)
         if self.kind == "cosine":
-            lo, hi = self.logsnr_min - self.shift, self.logsnr_max - self.shift
-            b = math.atan(math.exp(-hi / 2))
-            a = math.atan(math.exp(-lo / 2)) - b
-            logsnr = -2 * torch.log(torch.tan(a * t + b)) + self.shift
+            logsnr = self._shifted_cosine(t, self.shift)
+            if self.shift_clean is not None:
+                logsnr = t * logsnr + (1 - t) * self._shifted_cosine(t, self.shift_clean)
         else:
             beta0, beta1 = 0.1, 20.0
             logsnr = -torch.log(torch.expm1(beta0 * t + 0.5 * (beta1 - beta0) * t**2))
         return logsnr.clamp(self.logsnr_min, self.logsnr_max).to(torch.float32)
+
+    def _shifted_cosine(self, t: Tensor, shift: float) -> Tensor:
+        """The cosine λ(t) plus ``shift``, its ends still at ``logsnr_max`` (t = 0) and ``logsnr_min`` (t = 1)."""
+        lo, hi = self.logsnr_min - shift, self.logsnr_max - shift
+        b = math.atan(math.exp(-hi / 2))
+        a = math.atan(math.exp(-lo / 2)) - b
+        return -2 * torch.log(torch.tan(a * t + b)) + shift
 
     def grid(self, steps: int, device: torch.device | str | None = None) -> Tensor:
         """λ at ``steps + 1`` uniformly spaced times from t = 1 (noise) to t = 0 (data): a sampler's grid."""

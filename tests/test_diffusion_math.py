@@ -27,6 +27,24 @@ def test_cosine_schedule_endpoints_monotonicity_and_shift(shift):
         assert middle.item() == pytest.approx(shift, abs=0.05)
 
 
+def test_interpolated_shift_moves_from_shift_clean_to_shift():
+    """Hoogeboom et al. 2023's interpolated schedule: λ(t) = t·λ_shift(t) + (1 − t)·λ_shift_clean(t), the clip
+    range at both ends, strictly decreasing, the clean end near shift_clean's curve and the noisy end near shift's."""
+    noisy, clean = NoiseSchedule("cosine", shift=-8.0), NoiseSchedule("cosine", shift=0.0)
+    mixed = NoiseSchedule("cosine", shift=-8.0, shift_clean=0.0)
+    t = torch.linspace(0, 1, 1001)
+    logsnr = mixed.logsnr(t)
+    assert logsnr[0].item() == pytest.approx(20.0, abs=1e-4) and logsnr[-1].item() == pytest.approx(-20.0, abs=1e-4)
+    assert (logsnr[1:] < logsnr[:-1]).all()
+    inner = torch.tensor([0.1, 0.5, 0.9])
+    torch.testing.assert_close(mixed.logsnr(inner), inner * noisy.logsnr(inner) + (1 - inner) * clean.logsnr(inner))
+    assert mixed.logsnr(torch.tensor([0.5])).item() == pytest.approx(-4.0, abs=0.05)  # half-way: half the shift
+    same = NoiseSchedule("cosine", shift=-6.0, shift_clean=-6.0)
+    torch.testing.assert_close(same.logsnr(t), NoiseSchedule("cosine", shift=-6.0).logsnr(t))
+    with pytest.raises(ValueError, match="shift_clean"):
+        NoiseSchedule("linear", shift_clean=0.0)
+
+
 def test_unshifted_cosine_is_the_papers_formula():
     t = torch.tensor([0.1, 0.3, 0.7])
     b = math.atan(math.exp(-10.0))
