@@ -4,7 +4,7 @@ a trained demo model: identity per chunk (colour and shape right), caption adher
 same prompts and seed under each variant. A measurement, not a test: it prints a table and writes JSON.
 
 Variants change one thing against the demo's own generation config (``configs/demo/default.yaml``): more
-context frames, noise on the context, a weaker or stronger reconstruction-guidance weight ``w_r``,
+context frames, noise on the context, weaker or stronger reconstruction-guidance weights ``w_r``,
 predictor–corrector steps, replacement instead of reconstruction guidance.
 
     make demo                                                # trains the model this measures
@@ -31,7 +31,8 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "context_8": {"context_frames": 8},
     "context_noise_0.1": {"context_noise": 0.1},
     "w_r_1": {"w_r": 1.0},
-    "w_r_4": {"w_r": 4.0},
+    "w_r_2": {"w_r": 2.0},  # the demo extends with w_r = 4: two weaker weights and a stronger one beside it
+    "w_r_8": {"w_r": 8.0},
     "pc_corrector": {"sampling": {"sampler": "pc", "corrector_steps": 1}},
     "replacement": {"method": "replacement"},
 }

@@ -134,13 +134,28 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return (cumsum[idx] - cumsum[lo]) / (idx - lo)
 
 
-def plot_curves(rows: list[dict], path: str | os.PathLike, keys: list[str] | None, title: str) -> None:
-    """Draw one panel per key of ``rows`` (dicts with a ``step``) into a PNG."""
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int | None = None) -> None:
+    """Write a figure as PNG atomically (a killed run leaves the old picture or the new one) and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    pyplot().close(fig)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_curves(rows: list[dict], path: str | os.PathLike, keys: list[str] | None, title: str) -> None:
+    """Draw one panel per key of ``rows`` (dicts with a ``step``) into a PNG."""
+    plt = pyplot()
     keys = keys or sorted({k for r in rows for k in r if k != "step"})
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:
@@ -156,7 +171,4 @@ def plot_curves(rows: list[dict], path: str | os.PathLike, keys: list[str] | Non
         ax.set_xlabel("step")
     fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path, dpi=90)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.core.visual import pyplot, save_figure
 from pipelines.media.video_io import read_frames
 from pipelines.world.synthetic import analyse_video, classify_shape, parse_caption
 
@@ -70,13 +71,9 @@ def shape_classifier_accuracy(world: Path, count: int = 96, reconstruct=None) ->
 def plot_identity(curves: dict[str, dict], jumps: dict[str, dict], path: Path) -> None:
     """Identity by chunk index and boundary jump by boundary index, one line per set of videos: the picture of
     "does the video stay the same video"."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120)
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.4), dpi=120)
     for name, summary in curves.items():
         left.plot(range(1, len(summary["by_chunk"]) + 1), summary["by_chunk"], marker="o", markersize=3, label=name)
     left.set(xlabel="chunk", ylabel="identity (colour and shape right)", ylim=(-0.05, 1.05))
@@ -89,21 +86,14 @@ def plot_identity(curves: dict[str, dict], jumps: dict[str, dict], path: Path) -
         axis.legend(fontsize=7)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_sweep(sweep: dict, path: Path) -> None:
     """Caption adherence and its parts against the guidance weight w, held-out and training captions apart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = sorted(sweep["by_w"].values(), key=lambda r: r["w"])
     weights = [r["w"] for r in rows]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120, sharey=True)
+    figure, axes = pyplot().subplots(1, 2, figsize=(10, 3.4), dpi=120, sharey=True)
     for axis, (group, title) in zip(axes, (("held_out", "held-out"), ("seen", "training"))):
         for key in ("adherence", "colour", "shape", "direction"):
             axis.plot(weights, [r[group][key] for r in rows], marker="o", label=key)
@@ -113,6 +103,4 @@ def plot_sweep(sweep: dict, path: Path) -> None:
     axes[0].set_ylabel("share of videos right")
     axes[0].legend(fontsize=7)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    save_figure(figure, path)

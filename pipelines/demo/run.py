@@ -135,14 +135,15 @@ def long_videos(cfg: DemoConfig, out: Path, log) -> dict | None:
 def _quality(graded: dict[str, list[dict]]) -> dict:
     """The quality block of the 64-frame videos: accuracies over both methods, identity and jumps per method."""
     everything = [a for analyses in graded.values() for a in analyses]
+    jumps = {m: jumps_summary(analyses) for m, analyses in graded.items()}
     return {
         "color_accuracy": float(np.mean([a["colour_correct"] for a in everything])),
         "direction_accuracy": float(np.mean([a["direction_correct"] for a in everything])),
         "adherence": {m: adherence(analyses) for m, analyses in graded.items()},
         "identity": {m: identity_summary([a["chunks"] for a in analyses]) for m, analyses in graded.items()},
-        "boundary_jump_ratio": {"reconstruction_guidance": jumps_summary(graded["reconstruction"])["mean"],
-                                "replacement": jumps_summary(graded["replacement"])["mean"]},
-        "jumps": {m: jumps_summary(analyses) for m, analyses in graded.items()},
+        "boundary_jump_ratio": {"reconstruction_guidance": jumps["reconstruction"]["mean"],
+                                "replacement": jumps["replacement"]["mean"]},
+        "jumps": jumps,
     }
 
 
