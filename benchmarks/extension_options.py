@@ -35,8 +35,8 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "w_r_8": {"w_r": 8.0},
     "pc_corrector": {"sampling": {"sampler": "pc", "corrector_steps": 1}},
     "replacement": {"method": "replacement"},
-    "no_cfg": {"sampling": {"guidance": 0.0}},
-    "ancestral": {"sampling": {"sampler": "ancestral"}},  # the extension chunks without classifier-free guidance
+    "no_cfg": {"sampling": {"guidance": 0.0}},  # every chunk without classifier-free guidance
+    "ancestral": {"sampling": {"sampler": "ancestral"}},
 }
 
 
