@@ -35,7 +35,7 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "w_r_8": {"w_r": 8.0},
     "pc_corrector": {"sampling": {"sampler": "pc", "corrector_steps": 1}},
     "replacement": {"method": "replacement"},
-    "no_cfg": {"sampling": {"guidance": 0.0}},  # every chunk without classifier-free guidance
+    "guided_w1": {"sampling": {"guidance": 1.0}},  # classifier-free guidance w = 1 (in the config's interval)
     "ancestral": {"sampling": {"sampler": "ancestral"}},
 }
 
