@@ -5,7 +5,8 @@ same prompts and seed under each variant. A measurement, not a test: it prints a
 
 Variants change one thing against the demo's own generation config (``configs/demo/default.yaml``): more
 context frames, noise on the context, weaker or stronger reconstruction-guidance weights ``w_r``,
-predictor–corrector steps, replacement instead of reconstruction guidance.
+predictor–corrector steps or the ancestral sampler, classifier-free guidance w = 1, replacement instead of
+reconstruction guidance.
 
     make demo                                                # trains the model this measures
     python benchmarks/extension_options.py --out outputs/benchmarks/extension_options.json
