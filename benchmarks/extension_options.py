@@ -6,7 +6,8 @@ same prompts and seed under each variant. A measurement, not a test: it prints a
 Variants change one thing against the demo's own generation config (``configs/demo/default.yaml``): more
 context frames, noise on the context, weaker or stronger reconstruction-guidance weights ``w_r``,
 predictor–corrector steps or the ancestral sampler, classifier-free guidance w = 1, replacement instead of
-reconstruction guidance.
+reconstruction guidance, and (for a model trained with ``unet.known_frames``) the context left out of the network's
+input, so that only the guidance conditions on it.
 
     make demo                                                # trains the model this measures
     python benchmarks/extension_options.py --out outputs/benchmarks/extension_options.json
@@ -38,6 +39,7 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "replacement": {"method": "replacement"},
     "guided_w1": {"sampling": {"guidance": 1.0}},  # classifier-free guidance w = 1 (in the config's interval)
     "ancestral": {"sampling": {"sampler": "ancestral"}},
+    "guidance_only": {"known_input": False},  # unet.known_frames models: the context reaches them by guidance alone
 }
 
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "sample_predictor_corrector": "sampling",
     "NoiseSchedule": "schedule", "Prediction": "schedule", "alpha_sigma": "schedule", "append_dims": "schedule",
     "q_sample": "schedule",
-    "UNet3D": "unet3d",
+    "UNet3D": "unet3d", "known_inputs": "unet3d",
 }
 __all__ = sorted(_EXPORTS)
 

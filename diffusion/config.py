@@ -63,6 +63,7 @@ class UNet3DConfig:
     max_relative_distance: int = 32  # relative positions beyond ±k frames share an embedding (Shaw et al.)
     frame_positions: int = 0  # > 0: also a learned absolute embedding of the frame index (0 = relative only)
     coordinates: bool = False  # also feed the network each pixel's (x, y) in [-1, 1] (CoordConv input channels)
+    known_frames: bool = False  # also input the clean latents of the frames a sample is conditioned on, and a mask
     attention_backend: AttentionBackend = "auto"  # xformers (CUDA only), PyTorch SDPA, or the math reference
     gradient_checkpointing: bool = False
     channels_last: bool = False  # NHWC activations (often faster convolutions on GPUs)

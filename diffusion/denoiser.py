@@ -80,13 +80,16 @@ def diffusion_loss(
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
     drop_uniform: Optional[Tensor] = None,
+    loss_mask: Optional[Tensor] = None,
     **net_kwargs,
 ) -> Tensor:
     """Per-sample loss ``[b]``: ``w(λ_t) · mean ‖x̂_θ(z_t) − x‖²`` with ``t ~ U[0, 1]`` (stratified over the
     batch to lower the variance), ``z_t = α_t x + σ_t ε``. ``x0`` may have any rank ≥ 2.
 
     ``t [b]``, ``noise`` (shaped like ``x0``) and ``drop_uniform [b]`` may be drawn by the caller (e.g. per
-    sample, so a run is the same at any process count); whatever is not given is drawn from ``generator``."""
+    sample, so a run is the same at any process count); whatever is not given is drawn from ``generator``.
+    ``loss_mask`` (broadcastable to ``x0``, 1 = counted) averages the error over part of each sample only, e.g.
+    leaving out the frames a conditional model is given."""
     b = x0.shape[0]
     if t is None:
         t = (torch.arange(b, device=x0.device) + torch.rand(b, generator=generator, device=x0.device)) / b
@@ -99,5 +102,10 @@ def diffusion_loss(
     if null_conditioning is not None:
         conditioning = drop_conditioning(conditioning, null_conditioning, p_uncond, generator, drop_uniform)
     x0_hat = denoiser(z, logsnr, **conditioning, **net_kwargs)
-    mse = (x0_hat - x0.float()).pow(2).flatten(1).mean(dim=1)
+    error = (x0_hat - x0.float()).pow(2)
+    if loss_mask is None:
+        mse = error.flatten(1).mean(dim=1)
+    else:
+        mask = loss_mask.to(error.dtype).expand_as(error).flatten(1)
+        mse = (error.flatten(1) * mask).sum(1) / mask.sum(1).clamp_min(1)
     return loss_weight(logsnr, weighting, denoiser.prediction, min_snr_gamma) * mse

@@ -56,7 +56,7 @@ def classifier_free_guidance(
     def pair(z: Tensor, logsnr: Tensor) -> tuple[Tensor, Tensor]:
         if batched:
             both = {k: torch.cat([v, null_conditioning[k].to(v.dtype).expand_as(v)]) for k, v in conditioning.items()}
-            return model(torch.cat([z, z]), torch.cat([logsnr, logsnr]), **both, **net_kwargs).chunk(2)
+            return model(torch.cat([z, z]), torch.cat([logsnr, logsnr]), **both, **_twice(net_kwargs)).chunk(2)
         null = {k: null_conditioning[k].expand_as(v) for k, v in conditioning.items()}
         return conditional(z, logsnr), model(z, logsnr, **null, **net_kwargs)
 
@@ -71,6 +71,12 @@ def classifier_free_guidance(
         return torch.where(append_dims(active, z.ndim), x, x_cond)
 
     return guided
+
+
+def _twice(net_kwargs: Mapping) -> dict:
+    """Per-sample tensors among the network's other arguments (known frames, ``video_start [b]``), repeated for
+    the batch that holds the conditional and the unconditional half; flags and counts pass as they are."""
+    return {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in net_kwargs.items()}
 
 
 def rescale_guidance(x_guided: Tensor, x_cond: Tensor, phi: float) -> Tensor:

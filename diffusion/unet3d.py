@@ -11,12 +11,19 @@ each frame alone, so at initialisation the network on a video equals the network
 Joint image–video training appends independent images after the video frames; temporal attention is masked so
 each image attends only to itself (paper §3, "image mode").
 
+With ``known_frames`` the network is also trained for conditional generation: the clean latents of the frames
+a sample is conditioned on (zeros elsewhere) and their mask enter as extra input channels: the concatenation
+conditioning of Imagen Video's cascades and of Harvey et al. 2022 (*Flexible Diffusion Modeling of Long
+Videos*), where paper §3.1 conditions a model trained only on whole clips. The two combine: reconstruction
+guidance runs on such a network unchanged.
+
 Layout: input and output are ``[b, c, f, h, w]``; inside, activations are ``[(b f), c, h, w]``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -235,6 +242,33 @@ def pixel_coordinates(x: Tensor) -> Tensor:
     return grid[None].expand(n, 2, h, w)
 
 
+def known_frame_channels(z: Tensor, known: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+    """``[(b f), c + 1, h, w]``: the known frames' clean latents (zero where unknown) and the mask as a channel;
+    all zeros (nothing known) when ``known`` is None."""
+    b, c, f, h, w = z.shape
+    if known is None:
+        return z.new_zeros(b * f, c + 1, h, w)
+    if mask is None or known.shape != z.shape or mask.shape != (b, f):
+        raise ValueError(f"known frames must be shaped like z {tuple(z.shape)} with a [b, f] mask, got "
+                         f"{tuple(known.shape)} and {None if mask is None else tuple(mask.shape)}")
+    m = mask.to(z.dtype)[:, None, :, None, None].expand(b, 1, f, h, w)
+    return rearrange(torch.cat([known.to(z.dtype) * m, m], dim=1), "b c f h w -> (b f) c h w")
+
+
+def known_inputs(x_known: Tensor, index: Sequence[int], frames: int) -> dict[str, Tensor]:
+    """The ``known`` ``[b, c, frames, h, w]`` and ``known_mask`` ``[b, frames]`` arguments of a network with
+    ``known_frames``, for frames ``x_known [b, c, k, h, w]`` at ``index`` of a chunk of ``frames`` frames."""
+    b, c, k, h, w = x_known.shape
+    index = torch.as_tensor(list(index), dtype=torch.long, device=x_known.device)
+    if index.numel() != k or (k and not 0 <= int(index.min()) <= int(index.max()) < frames):
+        raise ValueError(f"{k} known frames need {k} indices in [0, {frames}), got {index.tolist()}")
+    known = x_known.new_zeros(b, c, frames, h, w)
+    known[:, :, index] = x_known
+    mask = torch.zeros(b, frames, dtype=torch.bool, device=x_known.device)
+    mask[:, index] = True
+    return {"known": known, "known_mask": mask}
+
+
 def _per_frame(context: Tensor, f: int) -> Tensor:
     """Token embeddings for every frame: ``[b, n, d]`` (shared) or ``[b, f, n, d]`` → ``[(b f), n, d]``."""
     if context.ndim == 4:
@@ -268,7 +302,8 @@ class UNet3D(nn.Module):
         self.embed = ConditionEmbedding(cfg.base_channels, emb_dim, cfg.cond_dim, cfg.emb_mlp_layers)
         self.frame_positions = (nn.Parameter(torch.randn(cfg.frame_positions, emb_dim) * 0.5)
                                 if cfg.frame_positions else None)
-        self.conv_in = nn.Conv2d(cfg.in_channels + 2 * cfg.coordinates, cfg.base_channels, 3, padding=1)
+        extra = 2 * cfg.coordinates + (cfg.in_channels + 1) * cfg.known_frames
+        self.conv_in = nn.Conv2d(cfg.in_channels + extra, cfg.base_channels, 3, padding=1)
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
         self.down, skips = nn.ModuleList(), [cfg.base_channels]
         ch = cfg.base_channels
@@ -357,12 +392,15 @@ class UNet3D(nn.Module):
         context: Optional[Tensor] = None,
         num_images: int = 0,
         video_start: bool | Tensor = True,
+        known: Optional[Tensor] = None,
+        known_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """``z [b, c, f, h, w]``, ``logsnr [b]``, ``cond [b, cond_dim]``, ``context [b, n, context_dim]`` (or per
         frame: ``[b, f, cond_dim]``, ``[b, f, n, context_dim]``); the last ``num_images`` frames of every sample
         are independent images (joint training); ``video_start`` (bool or ``[b]``) says whether the first frame is
-        the first of its video, which only a network with ``frame_positions`` reads. Returns
-        ``[b, out_channels, f, h, w]``."""
+        the first of its video, which only a network with ``frame_positions`` reads; ``known [b, c, f, h, w]``
+        and ``known_mask [b, f]`` (bool) the clean frames a network with ``known_frames`` is conditioned on
+        (none when omitted). Returns ``[b, out_channels, f, h, w]``."""
         b, _, f, h, w = z.shape
         if h % self.config.downsample_factor or w % self.config.downsample_factor:
             raise ValueError(f"spatial size {h}×{w} must be divisible by {self.config.downsample_factor}")
@@ -373,6 +411,10 @@ class UNet3D(nn.Module):
             temporal_mask=temporal_image_mask(f, num_images, z.device),
         )
         x = rearrange(z, "b c f h w -> (b f) c h w")  # frames fold into the batch
+        if self.config.known_frames:
+            x = torch.cat([x, known_frame_channels(z, known, known_mask)], dim=1)
+        elif known is not None or known_mask is not None:
+            raise ValueError("known frames given to a network built without known_frames")
         if self.config.coordinates:
             x = torch.cat([x, pixel_coordinates(x)], dim=1)
         if self.config.channels_last:

@@ -195,3 +195,32 @@ def test_training_logs_through_accelerate_trackers(chain, tmp_path):
         accumulator.Reload()
         scalars |= {tag: [e.step for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
     assert scalars.get("loss") == [1, 2], scalars
+
+
+def test_known_first_frames_are_drawn_per_clip_and_left_out_of_the_loss():
+    """``unet.known_frames``: a share ``p_known`` of the clips is given its first 1..max_known frames (never an
+    appended image, never the whole window), and the loss averages over the frames not given."""
+    from diffusion import Denoiser, NoiseSchedule, diffusion_loss
+    from pipelines.stages.train_diffusion import SampleDraws, known_first_frames
+
+    draws = SampleDraws(0, torch.arange(600), 600, torch.device("cpu"))
+    mask = known_first_frames(draws, 6, 2, p_known=0.5, max_known=8)
+    counts = mask.sum(1)
+    assert mask.shape == (600, 8) and not mask[:, 6:].any()
+    assert torch.equal(mask, torch.arange(8)[None] < counts[:, None])  # always the first frames
+    assert abs((counts > 0).float().mean().item() - 0.5) < 0.08 and set(counts.tolist()) == set(range(6))
+    assert not known_first_frames(draws, 6, 0, p_known=0.0, max_known=3).any()
+
+    class Copy(torch.nn.Module):  # x̂ = z: the error is known in closed form
+        def forward(self, z, logsnr, **_):
+            return z
+
+    x0, noise = torch.randn(2, 1, 4, 2, 2), torch.randn(2, 1, 4, 2, 2)
+    keep = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])[:, None, :, None, None]
+    t = torch.tensor([0.3, 0.6])
+    schedule = NoiseSchedule()
+    loss = diffusion_loss(Denoiser(Copy(), "x"), x0, schedule, t=t, noise=noise, loss_mask=keep)
+    logsnr = schedule.logsnr(t)
+    alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+    error = ((alpha - 1)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * noise).pow(2)
+    torch.testing.assert_close(loss, torch.stack([error[0, :, 2:].mean(), error[1].mean()]))

@@ -81,7 +81,9 @@ def run(cmd: list[str], tmp: Path, timeout: float = 180) -> str:
 
 
 def diffusion(latents: Path, out: Path, batch: int, *extra: str) -> list[str]:
-    return [*diffusion_overrides(latents, out, steps=STEPS), f"run.batch_size={batch}", *extra]
+    """The tiny model, trained also to continue clips from known first frames (their draws are per sample too)."""
+    return [*diffusion_overrides(latents, out, steps=STEPS), f"run.batch_size={batch}", "model.unet.known_frames=true",
+            *extra]
 
 
 def final_checkpoint(out: Path, step: int = STEPS) -> Path:

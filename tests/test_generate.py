@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from diffusion import NoiseSchedule, classifier_free_guidance
+from diffusion import NoiseSchedule, classifier_free_guidance, known_inputs
 from pipelines.core.config import UserError, load_config
 from pipelines.media.video_io import read_frames
 from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
@@ -60,14 +60,45 @@ def test_extension_chunks_are_sampled_without_frame_positions(bundle):
     """Only the chunk that starts a video gets frame positions; the chunks that continue it are told
     ``video_start=False``, and a network without positions uses one callable for both."""
     first, later = bundle.chunk_denoisers(PROMPTS, 1.5)
-    assert first is later
+    assert later() is first and later(torch.zeros(2, 4, 2, 8, 8), [0, 1], 6) is first
     positioned = dataclasses.replace(bundle, denoiser=tiny_denoiser("v", frame_positions=6))
     first, later = positioned.chunk_denoisers(PROMPTS, 1.5)
     z, logsnr = torch.randn(2, 4, 6, 8, 8), torch.tensor([-1.0, 1.0])
     reference = classifier_free_guidance(positioned.denoiser, positioned.embed(PROMPTS), positioned.null(), 1.5,
                                          video_start=False)
-    torch.testing.assert_close(later(z, logsnr), reference(z, logsnr))
-    assert not torch.allclose(first(z, logsnr), later(z, logsnr), atol=1e-4)
+    torch.testing.assert_close(later()(z, logsnr), reference(z, logsnr))
+    assert not torch.allclose(first(z, logsnr), later()(z, logsnr), atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_network_trained_with_known_frames_is_given_the_context(bundle):
+    """``unet.known_frames``: every extension chunk's denoiser gets the context frames as network input at
+    their places in the chunk (and the guidance on top); the first chunk and hierarchical infill get none."""
+    given = dataclasses.replace(bundle, denoiser=tiny_denoiser("v", known_frames=True))
+    first, later = given.chunk_denoisers(PROMPTS, 1.5)
+    context = torch.randn(2, 4, 2, 8, 8)
+    z, logsnr = torch.randn(2, 4, 6, 8, 8), torch.tensor([-1.0, 1.0])
+    reference = classifier_free_guidance(given.denoiser, given.embed(PROMPTS), given.null(), 1.5,
+                                         **known_inputs(context, [0, 1], 6))
+    torch.testing.assert_close(later(context, [0, 1], 6)(z, logsnr), reference(z, logsnr))
+    assert later() is first and not torch.allclose(first(z, logsnr), reference(z, logsnr), atol=1e-4)
+    with pytest.raises(ValueError, match="indices"):
+        known_inputs(context, [5, 6], 6)
+    latents, boundaries = autoregressive(given, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    plain, _ = autoregressive(dataclasses.replace(given, denoiser=_without_known_frames(given.denoiser)), PROMPTS,
+                              _plan(14), torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 14, 8, 8) and boundaries == [6, 10]
+    torch.testing.assert_close(latents[:, :, :6], plain[:, :, :6])  # the first chunk is given nothing
+    assert not torch.allclose(latents[:, :, 6:], plain[:, :, 6:], atol=1e-4)
+
+
+def _without_known_frames(denoiser):
+    """The same network with the known-frame input channels cut off (their weights dropped)."""
+    config = dataclasses.replace(denoiser.net.config, known_frames=False)
+    net = type(denoiser.net)(config)
+    state = denoiser.net.state_dict()
+    net.load_state_dict({**state, "conv_in.weight": state["conv_in.weight"][:, : config.in_channels]})
+    return type(denoiser)(net, denoiser.prediction).eval()
 
 
 def test_context_must_be_shorter_than_the_chunk(bundle):

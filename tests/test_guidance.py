@@ -117,3 +117,19 @@ def test_guidance_rescale_matches_the_conditional_scale(model):
     torch.testing.assert_close(classifier_free_guidance(model, cond, null, w=5.0, rescale=0.0)(z, logsnr), plain)
     half = classifier_free_guidance(model, cond, null, w=5.0, rescale=0.5)(z, logsnr)
     torch.testing.assert_close(half, 0.5 * full + 0.5 * plain, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_batched_guidance_gives_both_halves_the_per_sample_network_inputs():
+    """Known frames (``[b, ...]`` tensors among the network's other arguments) reach the conditional and the
+    unconditional half alike: one batch of 2b equals two calls of b."""
+    from diffusion import known_inputs
+
+    model = tiny_denoiser(known_frames=True)
+    z, logsnr, cond, null = _inputs(f=4)
+    cond.pop("context"), null.pop("context")
+    given = known_inputs(torch.randn(2, 4, 2, 8, 8), [0, 1], 4)
+    batched = classifier_free_guidance(model, cond, null, w=2.0, batched=True, **given)(z, logsnr)
+    separate = classifier_free_guidance(model, cond, null, w=2.0, batched=False, **given)(z, logsnr)
+    torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(batched, classifier_free_guidance(model, cond, null, w=2.0)(z, logsnr), atol=1e-4)

@@ -270,3 +270,27 @@ def test_attention_blocks_equal_their_nchw_reference():
     out = math_attention(qkv[0], qkv[1], qkv[2], bias=temporal.relative_bias(qkv[0]))
     expected = x + temporal.proj(rearrange(out, "(b h w) m f d -> (b f) (m d) h w", h=h, w=w))
     torch.testing.assert_close(temporal(x, state), expected, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_known_frames_enter_as_input_channels_where_the_mask_says():
+    """A ``known_frames`` network reads the clean latents of the frames its mask marks, and nothing else of
+    ``known``: with no frame marked it is the network given no known frames; a plain network refuses them."""
+    net = _net(known_frames=True)
+    randomise_temporal_layers(net)
+    z, logsnr, cond = _inputs(f=5)
+    known = torch.randn_like(z)
+    mask = torch.tensor([[True, True, False, False, False], [True, False, False, False, False]])
+    given = net(z, logsnr, cond, known=known, known_mask=mask)
+    assert given.shape == z.shape and not torch.allclose(given, net(z, logsnr, cond), atol=1e-4)
+    changed = known.clone()
+    changed[:, :, 2:] = torch.randn_like(changed[:, :, 2:])  # unmarked frames of `known` do not matter
+    torch.testing.assert_close(net(z, logsnr, cond, known=changed, known_mask=mask), given)
+    changed[0, :, 1] += 1  # a marked frame does
+    assert not torch.allclose(net(z, logsnr, cond, known=changed, known_mask=mask)[0], given[0], atol=1e-4)
+    torch.testing.assert_close(net(z, logsnr, cond, known=known, known_mask=torch.zeros_like(mask)),
+                               net(z, logsnr, cond))
+    with pytest.raises(ValueError, match="mask"):
+        net(z, logsnr, cond, known=known, known_mask=mask[:, :4])
+    with pytest.raises(ValueError, match="without known_frames"):
+        _net()(z, logsnr, cond, known=known, known_mask=mask)

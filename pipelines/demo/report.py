@@ -116,7 +116,8 @@ def render_report(report: dict, cfg: DemoConfig) -> str:
         "",
         "Adherence: colour, shape and direction of the whole video all right. Identity per chunk: colour and shape of "
         "each generated chunk both right. Boundary jump ratio: the centroid's jump across each chunk boundary over "
-        "its median frame-to-frame motion inside chunks (≈ 1: seamless).", "",
+        "its median frame-to-frame motion inside chunks (≈ 1: seamless). Replacement is the paper's imputation "
+        "baseline: the network is not given the context frames.", "",
         "| target | what | value | required | met |", "|---|---|---|---|---|",
         *[f"| {name} | {t['what']} | {t['value']} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
           for name, t in report["targets"].items()], "",

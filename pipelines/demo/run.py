@@ -74,11 +74,14 @@ def wire(cfg: DemoConfig) -> DemoConfig:
 
 
 def _generate_both(cfg: DemoConfig, log) -> tuple[dict[str, dict], dict]:
-    """Generate with reconstruction guidance and with replacement (same prompts, same seed)."""
+    """Generate with reconstruction guidance and with replacement (same prompts, same seed). Replacement is the
+    paper's imputation baseline (§3.1): the network is not given the context, even one trained with known frames."""
     results, start = {}, time.perf_counter()
     with PeakMemory() as memory:
         for method in METHODS:
-            results[method] = generate(dataclasses.replace(cfg.generate, method=method, name=method), log)
+            gen = dataclasses.replace(cfg.generate, method=method, name=method,
+                                      known_input=cfg.generate.known_input and method == "reconstruction")
+            results[method] = generate(gen, log)
     first = results["reconstruction"]
     seconds = time.perf_counter() - start
     videos = sum(len(r["samples"]) for r in results.values())

@@ -38,11 +38,15 @@ class DiffusionModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     p_uncond: float = 0.1  # classifier-free guidance: probability of training with the null conditioning
     p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video
+    p_known: float = 0.5  # with unet.known_frames: probability that a training clip is given its first frames
+    max_known: int = 8  # with unet.known_frames: how many first frames at most (1..max_known, uniformly)
 
     def __post_init__(self) -> None:
-        for name in ("p_uncond", "p_unknown_start"):
+        for name in ("p_uncond", "p_unknown_start", "p_known"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.max_known < 1:
+            raise ValueError(f"max_known must be at least 1, got {self.max_known}")
 
 
 @dataclass

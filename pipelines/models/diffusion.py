@@ -5,6 +5,7 @@ from a typed config, saved in (and loaded from) training checkpoints, and bound 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,15 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from diffusion import Denoiser, NoiseSchedule, UNet3D, UNet3DConfig, classifier_free_guidance, get_sampler
+from diffusion import (
+    Denoiser,
+    NoiseSchedule,
+    UNet3D,
+    UNet3DConfig,
+    classifier_free_guidance,
+    get_sampler,
+    known_inputs,
+)
 from pipelines.core.checkpoint import latest_checkpoint, read_trainer_state
 from pipelines.core.config import UserError
 from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
@@ -64,14 +73,25 @@ class DiffusionBundle:
         return self._bind(self.embed(prompts), guidance, **net_kwargs)
 
     def chunk_denoisers(self, prompts: list[str], guidance: float | SamplingConfig):
-        """``(first, later)``: the denoiser for the chunk that starts each video and the one for chunks that
-        continue it (told ``video_start=False``, so a network with frame positions leaves them out). The prompts
-        are embedded once; without frame positions both are the same callable."""
+        """``(first, later)``: the denoiser ``first(z, λ)`` for the chunk that starts each video, and a function
+        ``later(x_known, index, frames)`` that returns the denoiser for a chunk of ``frames`` frames continuing
+        it, given the frames ``x_known [b, c, k, h, w]`` at ``index``. That one is told ``video_start=False`` (a
+        network with frame positions leaves them out) and a network with ``known_frames`` gets ``x_known`` as
+        input (``later()`` with no frames: none). The prompts are embedded once; a network with neither option
+        uses ``first`` throughout."""
         conditioning = self.embed(prompts)
         first = self._bind(conditioning, guidance)
-        if getattr(self.denoiser.net, "frame_positions", None) is None:
-            return first, first
-        return first, self._bind(conditioning, guidance, video_start=False)
+        net = self.denoiser.net
+        positions = getattr(net, "frame_positions", None) is not None
+        takes_frames = getattr(getattr(net, "config", None), "known_frames", False)
+
+        def later(x_known: Optional[Tensor] = None, index: Sequence[int] = (), frames: int = 0):
+            kwargs: dict = {"video_start": False} if positions else {}
+            if takes_frames and x_known is not None:
+                kwargs.update(known_inputs(x_known, index, frames))
+            return self._bind(conditioning, guidance, **kwargs) if kwargs else first
+
+        return first, later
 
     def _bind(self, conditioning: dict[str, Tensor], guidance: float | SamplingConfig, **net_kwargs):
         if not conditioning:

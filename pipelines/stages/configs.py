@@ -111,6 +111,8 @@ class GenerateConfig:
     method: Literal["reconstruction", "replacement"] = "reconstruction"  # paper §3.1: guidance, or imputation
     w_r: float = 2.0  # reconstruction guidance weight (paper: > 1 helps)
     context_noise: float = 0.0  # σ of the noise put on the latent context (0: exact context)
+    known_input: bool = True  # a model trained with unet.known_frames is also given the context as input
+    # (false: reconstruction guidance or replacement alone)
     mode: Literal["autoregressive", "hierarchical"] = "autoregressive"
     frame_skip: int = 4  # hierarchical: keyframes this many frames apart
     keyframe_model: Optional[str] = None  # hierarchical: a model trained at that frame skip (default: model)

@@ -1,9 +1,10 @@
 """Long videos from prompts (paper §3.1, "long videos"): the first chunk is sampled from noise, then each new
 chunk is conditioned on the last ``k`` latent frames generated so far, by reconstruction guidance (default) or
-replacement. The context never leaves latent space (no decode / re-encode drift); it may carry a small amount
-of noise. The paper's hierarchical mode samples sparse keyframes first, then fills the frames between them with
-the same conditional sampler. Latents are decoded chunk by chunk and streamed into the video file, so memory
-stays flat as the length grows.
+replacement; a network trained with known frames (``unet.known_frames``) is also given the context as input.
+The context never leaves latent space (no decode / re-encode drift); it may carry a small amount of noise. The
+paper's hierarchical mode samples sparse keyframes first, then fills the frames between them with the same
+conditional sampler (the keyframes reach the network through the guidance only). Latents are decoded chunk by
+chunk and streamed into the video file, so memory stays flat as the length grows.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Plan:
     w_r: float
     context_noise: float
     sampling: SamplingConfig
+    known_input: bool = True  # give a network trained with known frames the context as input
 
 
 def _noisy(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
@@ -67,7 +69,8 @@ def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, gene
         on_chunk(first)
     while produced < plan.total:
         context = _noisy(tail, plan.context_noise, generator)
-        denoise = temporal_conditioning(later, context, range(plan.context), plan.method, plan.w_r, generator)
+        given = later(context, range(plan.context), plan.chunk) if plan.known_input else later()
+        denoise = temporal_conditioning(given, context, range(plan.context), plan.method, plan.w_r, generator)
         new = sample(bundle, denoise, shape, plan.sampling, generator)[:, :, plan.context :]
         boundaries.append(produced)
         pieces.append(new.cpu())
@@ -93,7 +96,7 @@ def hierarchical(keyframe_bundle: DiffusionBundle, bundle: DiffusionBundle, prom
     step = max((plan.chunk - 1) // skip, 1) * skip  # windows share their boundary keyframe
     starts = list(range(0, length - 1, step))
     for start in starts:
-        base = first if start == 0 else later
+        base = first if start == 0 else later()  # keyframes reach the network only through the guidance
         window = torch.arange(start, min(start + plan.chunk, length))
         index = [i for i, f in enumerate(window.tolist()) if known[f]]
         x_known = video[:, :, window[index]].to(generator.device)
@@ -154,7 +157,7 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out, "generate.yaml")
     plan = Plan(cfg.num_frames, cfg.chunk_frames or bundle.latent_shape[1], cfg.context_frames, cfg.method,
-                cfg.w_r, cfg.context_noise, cfg.sampling)
+                cfg.w_r, cfg.context_noise, cfg.sampling, cfg.known_input)
     columns = min(cfg.num_frames, 16)
     sheet_frames = torch.linspace(0, cfg.num_frames - 1, columns).round().long().tolist()
     writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames)

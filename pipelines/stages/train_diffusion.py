@@ -3,11 +3,12 @@
 ``train_diffusion(config)`` is what ``scripts/train_diffusion.py`` runs, on the shared loop of
 :mod:`pipelines.core.loop` (processes, bf16, gradient accumulation, EMA, checkpoints, resume). This module adds
 what is the diffusion model's own: where clips come from, joint image–video batches (paper §3), conditioning
-dropout for classifier-free guidance, frame-position policy, and sample videos.
+dropout for classifier-free guidance, frame-position policy, known first frames for a network trained for
+conditional generation, and sample videos.
 
 Every random draw of a training sample (its window, appended frames, noise level, noise, conditioning dropout,
-hidden start) comes from a generator keyed by the run's seed and the sample's *slot*, its place in the sequence
-of all samples of the run. A slot does not depend on how the global batch is split into processes and
+hidden start, known frames) comes from a generator keyed by the run's seed and the sample's *slot*, its place in
+the sequence of all samples of the run. A slot does not depend on how the global batch is split into processes and
 micro-batches, so one process at batch 8, two at batch 4 and one at batch 4 with ``grad_accum=2`` train the same
 model (up to floating-point reduction order). Network dropout is the one exception: it draws from torch's global
 generator, reseeded per step and process.
@@ -96,10 +97,25 @@ class DiffusionObjective(nn.Module):
         conditioning, null = per_frame_conditioning(self.text, batch, latents.shape[2] - num_images)
         extra = {"video_start": video_start(batch, draws, self.m.p_unknown_start)} if self.m.unet.frame_positions \
             else {}
+        if self.m.unet.known_frames:
+            mask = known_first_frames(draws, latents.shape[2] - num_images, num_images, self.m.p_known,
+                                      self.m.max_known)
+            extra.update(known=latents, known_mask=mask, loss_mask=~mask[:, None, :, None, None])
         return diffusion_loss(self.denoiser, latents, self.schedule, conditioning, null, self.m.p_uncond,
                               self.m.weighting, self.m.min_snr_gamma, t=draws.times(),
                               noise=draws.normal(tuple(latents.shape[1:])), drop_uniform=draws.uniform(),
                               num_images=num_images, **extra)
+
+
+def known_first_frames(draws: SampleDraws, frames: int, num_images: int, p_known: float, max_known: int) -> Tensor:
+    """``[b, frames + num_images]`` bools: with probability ``p_known`` a clip is given its first ``k`` frames,
+    ``k ~ U{1, …, min(max_known, frames − 1)}`` (what an extension chunk is given: the last frames generated so
+    far), so one network learns both to start a video and to continue one; appended images are never given.
+    The loss leaves the given frames out."""
+    given = draws.uniform() < p_known
+    k = 1 + draws.integers(max(min(max_known, frames - 1), 1))[:, 0]
+    counts = torch.where(given, k, torch.zeros_like(k))
+    return torch.arange(frames + num_images, device=counts.device)[None, :] < counts[:, None]
 
 
 def per_frame_conditioning(text: TextConditioning, batch: dict, frames: int) -> tuple[dict, Optional[dict]]:
