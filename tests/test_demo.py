@@ -112,6 +112,12 @@ def test_extension_options_are_compared_on_the_same_prompts(quick_demo, tmp_path
         assert 0 <= row["identity"] <= min(row["colour"], row["shape"]) and row["jump_ratio"] is not None
         saved = json.loads(next((tmp_path / "options" / row["variant"]).glob("generation_*.json")).read_text())
         assert saved["context_frames"] == (8 if row["variant"] == "context_8" else cfg.generate.context_frames)
+    pooled = compare_extensions(cfg, ["guidance_only"], tmp_path / "seeds", seeds=(0, 1), log=lambda *a: None)[0]
+    runs = [json.loads(next((tmp_path / "seeds" / "guidance_only" / f"seed{s}").glob("generation_*.json")).read_text())
+            for s in (0, 1)]
+    assert [r["config"]["seed"] for r in runs] == [0, 1] and pooled["seeds"] == [0, 1]
+    assert not any(r["config"]["known_input"] for r in runs)  # the quick demo's network has known frames
+    assert len(pooled["by_chunk"]) == runs[0]["chunks"]
 
 
 def test_without_a_detector_the_report_says_how_to_add_fvd(tmp_path):
