@@ -210,6 +210,7 @@ def test_known_first_frames_are_drawn_per_clip_and_left_out_of_the_loss():
     assert torch.equal(mask, torch.arange(8)[None] < counts[:, None])  # always the first frames
     assert abs((counts > 0).float().mean().item() - 0.5) < 0.08 and set(counts.tolist()) == set(range(6))
     assert not known_first_frames(draws, 6, 0, p_known=0.0, max_known=3).any()
+    assert not known_first_frames(draws, 1, 2, p_known=1.0, max_known=3).any()  # never the whole window
 
     class Copy(torch.nn.Module):  # x̂ = z: the error is known in closed form
         def forward(self, z, logsnr, **_):

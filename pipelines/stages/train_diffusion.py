@@ -112,7 +112,7 @@ def known_first_frames(draws: SampleDraws, frames: int, num_images: int, p_known
     ``k ~ U{1, …, min(max_known, frames − 1)}`` (what an extension chunk is given: the last frames generated so
     far), so one network learns both to start a video and to continue one; appended images are never given.
     The loss leaves the given frames out."""
-    given = draws.uniform() < p_known
+    given = (draws.uniform() < p_known) & (frames > 1)  # a one-frame window has nothing left to continue
     k = 1 + draws.integers(max(min(max_known, frames - 1), 1))[:, 0]
     counts = torch.where(given, k, torch.zeros_like(k))
     return torch.arange(frames + num_images, device=counts.device)[None, :] < counts[:, None]
