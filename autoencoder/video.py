@@ -1,7 +1,8 @@
 """The per-frame VAE on the project's one video layout ``[b, c, f, h, w]``.
 
-Frames are folded into the batch with einops, run through the VAE ``chunk_frames`` at a time under the
-caller's grad mode (so activation memory does not grow with video length), and unfolded again. Latents leaving
+Frames run through the VAE ``chunk_frames`` at a time under the caller's grad mode, so activation memory
+does not grow with video length: encoding folds them into the batch with einops and unfolds the latents;
+decoding writes each chunk into its place in one preallocated video. Latents leaving
 :func:`encode_video` are normalised, z' = (z − latent_shift) · latent_scale (LDM scale-by-std);
 :func:`decode_video` undoes that before decoding.
 """
@@ -56,11 +57,33 @@ def encode_video(vae: AutoencoderKL, video: torch.Tensor, chunk_frames: int = 16
     return _unfold(z, video.shape[0])
 
 
-def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_frames: int = 16) -> torch.Tensor:
-    """Video [b, c, f, F·h, F·w] from normalised latents [b, z, f, h, w], decoding each frame alone."""
-    z = _fold(latents) / vae.config.latent_scale + vae.config.latent_shift
-    frames = torch.cat([vae.decode(chunk) for chunk in _chunks(z, chunk_frames)])
-    return _unfold(frames, latents.shape[0])
+def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_frames: int = 16,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Video [b, c, f, F·h, F·w] from normalised latents [b, z, f, h, w], decoding each frame alone.
+
+    Each chunk of at most ``chunk_frames`` frames of one video is decoded and written straight into one
+    preallocated output, so memory beyond the output stays one chunk's activations at any length (no list of
+    chunks, no concatenation, no relayout copy). ``dtype=torch.uint8`` returns 8-bit frames, [-1, 1] clamped and
+    mapped to 0…255 as video writers take them: a quarter of float32's memory for a long video.
+    """
+    if latents.ndim != 5:
+        raise ValueError(f"expected a video [b, c, f, h, w], got shape {tuple(latents.shape)}")
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be a positive number of frames, got {chunk_frames}")
+    out = None
+    for index, video in enumerate(latents):  # [z, f, h, w]
+        for start in range(0, video.shape[1], chunk_frames):
+            z = video[:, start : start + chunk_frames].transpose(0, 1)  # [n, z, h, w]
+            frames = vae.decode(z / vae.config.latent_scale + vae.config.latent_shift).transpose(0, 1)  # [c, n, H, W]
+            if dtype == torch.uint8:
+                frames = frames.clamp(-1, 1).add(1).mul(127.5).round()
+            if out is None:
+                out = frames.new_empty((latents.shape[0], frames.shape[0], latents.shape[2], *frames.shape[2:]),
+                                       dtype=dtype or frames.dtype)
+            out[index, :, start : start + frames.shape[1]] = frames
+    if out is None:
+        raise ValueError(f"no frames to decode in latents of shape {tuple(latents.shape)}")
+    return out
 
 
 @torch.no_grad()

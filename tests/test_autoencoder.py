@@ -160,6 +160,24 @@ def test_video_helpers_follow_the_callers_grad_mode():
     assert encode_video(vae, video).requires_grad
     with torch.no_grad():
         assert not encode_video(vae, video).requires_grad
+    latents = torch.randn(2, 4, 3, 8, 8, requires_grad=True)
+    decode_video(vae, latents, chunk_frames=2).square().sum().backward()  # through the preallocated output
+    assert latents.grad is not None and bool((latents.grad[:, :, 2] != 0).any())
+
+
+def test_decode_video_to_uint8_is_the_writers_quantisation_of_the_float_video():
+    from pipelines.core.visual import video_to_uint8
+
+    vae = tiny_vae(latent_scale=0.5, latent_shift=0.1)
+    latents = torch.randn(2, 4, 5, 8, 8) * 3
+    with torch.no_grad():
+        decoded = decode_video(vae, latents, chunk_frames=2)
+        frames = decode_video(vae, latents, chunk_frames=2, dtype=torch.uint8)
+    assert frames.dtype == torch.uint8 and frames.shape == decoded.shape
+    for b in range(2):  # equal up to one level where float rounding lands on either side of a half
+        expected = torch.from_numpy(video_to_uint8(decoded[b])).permute(3, 0, 1, 2).int()
+        assert int((frames[b].int() - expected).abs().max()) <= 1
+        assert float((frames[b].int() != expected).float().mean()) < 1e-3
 
 
 def test_encode_video_samples_from_the_generator():
