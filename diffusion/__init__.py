@@ -11,6 +11,7 @@ _EXPORTS = {
     "xformers_available": "attention",  # the function `attention` lives at diffusion.attention.attention
     "Denoiser": "denoiser", "diffusion_loss": "denoiser", "drop_conditioning": "denoiser", "loss_weight": "denoiser",
     "EMA": "ema",
+    "conditional_frame_noise": "noise", "frame_correlated": "noise", "noise_mixer": "noise",
     "classifier_free_guidance": "guidance", "super_resolution_guidance": "guidance",
     "temporal_conditioning": "guidance",
     "SAMPLERS": "sampling", "get_sampler": "sampling", "sample_ancestral": "sampling", "sample_ddim": "sampling",

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffusion.noise import conditional_frame_noise
 from diffusion.schedule import alpha_sigma, append_dims
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
@@ -116,6 +117,7 @@ def temporal_conditioning(
     method: ConditionMethod = "reconstruction",
     w_r: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    noise_correlation: float = 0.0,
 ) -> Denoise:
     """Condition on frames ``x^a`` (``x_known [b, c, k, h, w]``) at ``frame_index`` (k indices along f).
 
@@ -123,16 +125,30 @@ def temporal_conditioning(
     equivalent to replacing ``z^a_s`` after every step, since the next step sees the same input); with
     ``method="reconstruction"`` the unknown frames' estimate is then corrected by the gradient of the
     reconstruction error of the known frames (paper §3.1, eq. 8). The known frames' estimate is ``x^a`` itself.
+
+    For a model trained with frame-correlated noise (``noise_correlation`` ρ > 0, :mod:`diffusion.noise`) ε is
+    drawn from p(ε^a | ε̂^b), given the unknown frames' noise ``ε̂^b = (z^b − α x̂^b) / σ`` under the previous
+    call's estimate x̂^b (none yet: ``z^b / σ``); for DDIM that is exactly the noise the sampler carries.
     """
     if method not in CONDITION_METHODS:
         raise ValueError(f"conditioning method must be one of {CONDITION_METHODS}, got {method!r}")
     index = torch.as_tensor(list(frame_index), dtype=torch.long, device=x_known.device)
     if index.numel() != x_known.shape[2]:
         raise ValueError(f"{index.numel()} frame indices for {x_known.shape[2]} known frames")
+    previous: dict[str, Tensor] = {}
+
+    def known_noise(z: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        if noise_correlation == 0:
+            return torch.randn(x_known.shape, generator=generator, device=z.device, dtype=z.dtype)
+        unknown = torch.ones(z.shape[2], dtype=torch.bool, device=z.device)
+        unknown[index] = False
+        z_b = z[:, :, unknown]
+        x_b = previous["x0"][:, :, unknown] if "x0" in previous else torch.zeros_like(z_b)
+        return conditional_frame_noise((z_b - alpha * x_b) / sigma, index.numel(), noise_correlation, generator)
 
     def conditioned(z: Tensor, logsnr: Tensor) -> Tensor:
         alpha, sigma = (append_dims(v, z.ndim) for v in alpha_sigma(logsnr))
-        noise = torch.randn(x_known.shape, generator=generator, device=z.device, dtype=z.dtype)
+        noise = known_noise(z, alpha, sigma)
         z = z.clone()
         z[:, :, index] = alpha * x_known + sigma * noise  # z^a_t ~ q(z^a_t | x^a)
         if method == "replacement":
@@ -142,6 +158,7 @@ def temporal_conditioning(
             x0 = x0 - (w_r * alpha / 2) * grad  # only the unknown frames' part is kept below
         x0 = x0.clone()
         x0[:, :, index] = x_known
+        previous["x0"] = x0.detach()
         return x0
 
     return conditioned

@@ -225,3 +225,31 @@ def test_known_first_frames_are_drawn_per_clip_and_left_out_of_the_loss():
     alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
     error = ((alpha - 1)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * noise).pow(2)
     torch.testing.assert_close(loss, torch.stack([error[0, :, 2:].mean(), error[1].mean()]))
+
+
+def test_training_noise_is_frame_correlated_as_the_config_says():
+    """``model.noise_correlation``: the training objective's ε is the per-sample draw mixed across the video
+    frames (PYoCo), appended images left independent; x̂ = z makes the loss a closed form of that ε."""
+    from diffusion import Denoiser, NoiseSchedule, frame_correlated, loss_weight
+    from pipelines.models.conditioning import TextConditioning
+    from pipelines.models.config import DiffusionModelConfig, TextConfig
+    from pipelines.stages.train_diffusion import DiffusionObjective, SampleDraws
+
+    class Copy(torch.nn.Module):
+        def forward(self, z, logsnr, **_):
+            return z
+
+    schedule, x0 = NoiseSchedule(), torch.randn(3, 2, 5, 2, 2)
+    batch = {"caption": ["a", "b", "c"], "source_start": torch.zeros(3, dtype=torch.long)}
+    for rho in (0.0, 0.6):
+        config = DiffusionModelConfig(noise_correlation=rho, p_uncond=0.0)
+        objective = DiffusionObjective(Denoiser(Copy(), "x"), TextConditioning(None, TextConfig(kind="none")),
+                                       schedule, config)
+        loss = objective(x0, batch, SampleDraws(0, torch.arange(3), 3, torch.device("cpu")), num_images=1)
+        draws = SampleDraws(0, torch.arange(3), 3, torch.device("cpu"))  # the same draws, in the same order
+        t, n = draws.times(), draws.normal((2, 5, 2, 2))
+        eps = frame_correlated(n, rho, frames=4)
+        logsnr = schedule.logsnr(t)
+        alpha, sigma = (torch.sigmoid(s * logsnr).sqrt()[:, None, None, None, None] for s in (1, -1))
+        expected = ((alpha - 1) * x0 + sigma * eps).pow(2).flatten(1).mean(1) * loss_weight(logsnr, "auto", "x")
+        torch.testing.assert_close(loss, expected)

@@ -132,3 +132,31 @@ def test_generate_writes_videos_of_the_asked_length(chain, tmp_path):
         assert (tmp_path / sample["file"]).with_suffix(".gif").is_file()
     assert (tmp_path / "contact_sheet_reconstruction.png").is_file()
     assert json.loads((tmp_path / "generation_reconstruction.json").read_text())["chunks"] == 3
+
+
+@torch.no_grad()
+def test_a_model_trained_with_correlated_noise_samples_from_it(bundle):
+    """``model.noise_correlation``: the start z_1 of every chunk is frame-correlated noise, as in training, and
+    long videos come out whole and reproducible."""
+    from pipelines.models.diffusion import sample
+
+    correlated = dataclasses.replace(bundle, model=dataclasses.replace(bundle.model, noise_correlation=0.8))
+    starts = []
+
+    def spy(z, logsnr):
+        starts.append(z.clone())
+        return torch.zeros_like(z)
+
+    shape, sampling = (4, 4, 6, 16, 16), SamplingConfig(sampler="ddim", steps=2, guidance=0.0)
+    for model in (bundle, correlated):
+        sample(model, spy, shape, sampling, torch.Generator().manual_seed(0))
+    for z, expected in zip(starts[::2], (0.0, 0.8)):
+        frames = z.transpose(0, 2).reshape(6, -1)  # [f, everything else]
+        correlation = torch.corrcoef(frames)[~torch.eye(6, dtype=torch.bool)]
+        assert abs(float(correlation.mean()) - expected) < 0.05
+    latents, _ = autoregressive(correlated, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    again, _ = autoregressive(correlated, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    plain, _ = autoregressive(bundle, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 14, 8, 8) and torch.isfinite(latents).all()
+    torch.testing.assert_close(latents, again)
+    assert not torch.allclose(latents, plain, atol=1e-4)

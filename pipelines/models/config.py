@@ -40,11 +40,15 @@ class DiffusionModelConfig:
     p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video
     p_known: float = 0.5  # with unet.known_frames: probability that a training clip is given its first frames
     max_known: int = 8  # with unet.known_frames: how many first frames at most (1..max_known, uniformly)
+    noise_correlation: float = 0.0  # ρ of PYoCo's mixed noise (Ge et al. 2023): the frames of a clip share this
+    # fraction of their noise's variance, in training and sampling alike; 0: the paper's i.i.d. noise
 
     def __post_init__(self) -> None:
         for name in ("p_uncond", "p_unknown_start", "p_known"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.noise_correlation < 1:
+            raise ValueError(f"noise_correlation must be in [0, 1), got {self.noise_correlation}")
         if self.max_known < 1:
             raise ValueError(f"max_known must be at least 1, got {self.max_known}")
 

@@ -22,6 +22,7 @@ from diffusion import (
     classifier_free_guidance,
     get_sampler,
     known_inputs,
+    noise_mixer,
 )
 from pipelines.core.checkpoint import latest_checkpoint, read_trainer_state
 from pipelines.core.config import UserError
@@ -114,9 +115,12 @@ def sample(bundle: DiffusionBundle, denoise, shape: tuple[int, ...], sampling: S
            generator: torch.Generator, progress: bool = False) -> Tensor:
     """Run the configured sampler from ``z_1 ~ N(0, I)`` of ``shape``; ``generator`` lives on the model's device
     and draws every random number, so a seed fixes the result."""
+    noise = noise_mixer(bundle.model.noise_correlation)  # None: i.i.d.; else frame-correlated (as trained)
     z = torch.randn(shape, generator=generator, device=generator.device)
+    z = z if noise is None else noise(z)
     grid = NoiseSchedule.of(bundle.model.schedule).grid(sampling.steps).to(z.device)
-    return get_sampler(sampling.sampler)(denoise, z, grid, generator=generator, progress=progress, **sampling.knobs())
+    return get_sampler(sampling.sampler)(denoise, z, grid, generator=generator, progress=progress, noise=noise,
+                                         **sampling.knobs())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -70,7 +70,8 @@ def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, gene
     while produced < plan.total:
         context = _noisy(tail, plan.context_noise, generator)
         given = later(context, range(plan.context), plan.chunk) if plan.known_input else later()
-        denoise = temporal_conditioning(given, context, range(plan.context), plan.method, plan.w_r, generator)
+        denoise = temporal_conditioning(given, context, range(plan.context), plan.method, plan.w_r, generator,
+                                        bundle.model.noise_correlation)
         new = sample(bundle, denoise, shape, plan.sampling, generator)[:, :, plan.context :]
         boundaries.append(produced)
         pieces.append(new.cpu())
@@ -100,7 +101,8 @@ def hierarchical(keyframe_bundle: DiffusionBundle, bundle: DiffusionBundle, prom
         window = torch.arange(start, min(start + plan.chunk, length))
         index = [i for i, f in enumerate(window.tolist()) if known[f]]
         x_known = video[:, :, window[index]].to(generator.device)
-        denoise = temporal_conditioning(base, x_known, index, plan.method, plan.w_r, generator)
+        denoise = temporal_conditioning(base, x_known, index, plan.method, plan.w_r, generator,
+                                        bundle.model.noise_correlation)
         out = sample(bundle, denoise, (b, c, len(window), h, w), plan.sampling, generator).cpu()
         fresh = ~known[window]
         video[:, :, window[fresh]] = out[:, :, fresh]

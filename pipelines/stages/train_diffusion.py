@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from autoencoder import decode_video, encode_video, load_autoencoder
-from diffusion import EMA, Denoiser, NoiseSchedule, UNet3D, diffusion_loss
+from diffusion import EMA, Denoiser, NoiseSchedule, UNet3D, diffusion_loss, frame_correlated
 from pipelines.core.config import ConfigError, UserError, config_to_dict
 from pipelines.core.files import atomic_write_json
 from pipelines.core.loop import (
@@ -103,7 +103,9 @@ class DiffusionObjective(nn.Module):
             extra.update(known=latents, known_mask=mask, loss_mask=~mask[:, None, :, None, None])
         return diffusion_loss(self.denoiser, latents, self.schedule, conditioning, null, self.m.p_uncond,
                               self.m.weighting, self.m.min_snr_gamma, t=draws.times(),
-                              noise=draws.normal(tuple(latents.shape[1:])), drop_uniform=draws.uniform(),
+                              noise=frame_correlated(draws.normal(tuple(latents.shape[1:])),
+                                                     self.m.noise_correlation, latents.shape[2] - num_images),
+                              drop_uniform=draws.uniform(),
                               num_images=num_images, **extra)
 
 
