@@ -17,10 +17,14 @@ from einops import rearrange
 from autoencoder.model import AutoencoderConfig, AutoencoderKL
 
 
-def _fold(video: torch.Tensor) -> torch.Tensor:
-    """[b, c, f, h, w] → [(b f), c, h, w] (a view when b = 1)."""
+def _check_video(video: torch.Tensor) -> None:
     if video.ndim != 5:
         raise ValueError(f"expected a video [b, c, f, h, w], got shape {tuple(video.shape)}")
+
+
+def _fold(video: torch.Tensor) -> torch.Tensor:
+    """[b, c, f, h, w] → [(b f), c, h, w] (a view when b = 1)."""
+    _check_video(video)
     return rearrange(video, "b c f h w -> (b f) c h w")
 
 
@@ -66,14 +70,11 @@ def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_frames: int = 
     chunks, no concatenation, no relayout copy). ``dtype=torch.uint8`` returns 8-bit frames, [-1, 1] clamped and
     mapped to 0…255 as video writers take them: a quarter of float32's memory for a long video.
     """
-    if latents.ndim != 5:
-        raise ValueError(f"expected a video [b, c, f, h, w], got shape {tuple(latents.shape)}")
-    if chunk_frames < 1:
-        raise ValueError(f"chunk_frames must be a positive number of frames, got {chunk_frames}")
+    _check_video(latents)
     out = None
-    for index, video in enumerate(latents):  # [z, f, h, w]
-        for start in range(0, video.shape[1], chunk_frames):
-            z = video[:, start : start + chunk_frames].transpose(0, 1)  # [n, z, h, w]
+    for index, video in enumerate(latents):
+        start = 0
+        for z in _chunks(video.transpose(0, 1), chunk_frames):  # [n, z, h, w]
             frames = vae.decode(z / vae.config.latent_scale + vae.config.latent_shift).transpose(0, 1)  # [c, n, H, W]
             if dtype == torch.uint8:
                 frames = frames.clamp(-1, 1).add(1).mul(127.5).round()
@@ -81,6 +82,7 @@ def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_frames: int = 
                 out = frames.new_empty((latents.shape[0], frames.shape[0], latents.shape[2], *frames.shape[2:]),
                                        dtype=dtype or frames.dtype)
             out[index, :, start : start + frames.shape[1]] = frames
+            start += frames.shape[1]
     if out is None:
         raise ValueError(f"no frames to decode in latents of shape {tuple(latents.shape)}")
     return out

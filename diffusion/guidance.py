@@ -158,7 +158,8 @@ def temporal_conditioning(
             x0 = x0 - (w_r * alpha / 2) * grad  # only the unknown frames' part is kept below
         x0 = x0.clone()
         x0[:, :, index] = x_known
-        previous["x0"] = x0.detach()
+        if noise_correlation:  # the next call's estimate of the sampled frames' noise
+            previous["x0"] = x0.detach()
         return x0
 
     return conditioned
