@@ -6,8 +6,9 @@ same prompts and seeds under each variant. A measurement, not a test: it prints 
 Variants change one thing against the demo's own generation config (``configs/demo/default.yaml``): more
 context frames, noise on the context, weaker or stronger reconstruction-guidance weights ``w_r``,
 predictor–corrector steps or the ancestral sampler, no classifier-free guidance, replacement instead of
-reconstruction guidance, and (for a model trained with ``unet.known_frames``) the context left out of the network's
-input, so that only the guidance conditions on it.
+reconstruction guidance, frames of the first chunk as an anchor besides the context, and (for a model trained
+with ``unet.known_frames``) the context left out of the network's input, so that only the guidance conditions on
+it.
 
     make demo                                                # trains the model this measures
     python benchmarks/extension_options.py --out outputs/benchmarks/extension_options.json
@@ -31,6 +32,8 @@ from pipelines.demo.config import DemoConfig  # noqa: E402
 
 VARIANTS = {  # name: overrides of the demo's generate config (sampling keys under "sampling")
     "baseline": {},
+    "context_4": {"context_frames": 4, "anchor_frames": 0},  # the demo's extension before anchor frames
+    "context_3": {"context_frames": 3, "anchor_frames": 0},
     "context_8": {"context_frames": 8},
     "context_noise_0.1": {"context_noise": 0.1},
     "w_r_0.5": {"w_r": 0.5},  # the demo extends with w_r = 1: a weaker weight and stronger ones beside it
@@ -42,6 +45,10 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "no_cfg": {"sampling": {"guidance": 0.0}},  # the demo guides at w = 1 (in its interval): without guidance
     "ancestral": {"sampling": {"sampler": "ancestral"}},
     "guidance_only": {"known_input": False},  # unet.known_frames models: the context reaches them by guidance alone
+    # the demo conditions on the first chunk's middle frame (anchor_frames 1) and the last 3 frames:
+    "anchor_2_context_2": {"anchor_frames": 2, "context_frames": 2},
+    "anchor_1_context_4": {"anchor_frames": 1, "context_frames": 4},
+    "anchor_2_context_4": {"anchor_frames": 2, "context_frames": 4},
 }
 
 

@@ -38,6 +38,10 @@ def test_quick_demo_runs_the_chain_and_reports(quick_demo):
     for sample in saved["samples"]:
         assert (tmp_path / sample["file"]).is_file()
     assert saved["generation"]["num_frames"] == cfg.generate.num_frames
+    runs = {m: json.loads((tmp_path / "videos" / f"generation_{m}.json").read_text())["config"]
+            for m in ("reconstruction", "replacement")}
+    assert runs["reconstruction"]["anchor_frames"] == cfg.generate.anchor_frames == 1  # as the default demo
+    assert runs["replacement"]["anchor_frames"] == 0 and not runs["replacement"]["known_input"]  # the paper's baseline
     assert (tmp_path / "report.md").read_text().count("![") >= 4
     distances = quality["video_distances"]
     assert distances["computed"] and set(distances) == {"computed", "reconstruction", "replacement"}

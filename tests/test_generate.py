@@ -104,6 +104,37 @@ def _without_known_frames(denoiser):
 def test_context_must_be_shorter_than_the_chunk(bundle):
     with pytest.raises(UserError, match="context_frames"):
         autoregressive(bundle, PROMPTS, _plan(10, context=6), torch.Generator())
+    with pytest.raises(UserError, match="anchor_frames"):
+        autoregressive(bundle, PROMPTS, dataclasses.replace(_plan(10, context=3), anchor=3), torch.Generator())
+    with pytest.raises(ValueError, match="anchor_frames"):
+        GenerateConfig(chunk_frames=6, context_frames=3, anchor_frames=3)
+
+
+@torch.no_grad()
+def test_anchor_frames_condition_every_extension_on_the_first_chunk(bundle, monkeypatch):
+    """``anchor_frames`` = m: each extension chunk is conditioned on m frames spread over the first chunk, placed
+    before the last ``context`` frames, and samples ``chunk − m − context`` new frames."""
+    import pipelines.stages.generate as generate_module
+
+    seen = []
+    real = generate_module.temporal_conditioning
+
+    def spy(denoise, x_known, frame_index, *args):
+        seen.append((x_known.clone(), list(frame_index)))
+        return real(denoise, x_known, frame_index, *args)
+
+    monkeypatch.setattr(generate_module, "temporal_conditioning", spy)
+    plan = dataclasses.replace(_plan(14), anchor=2)
+    latents, boundaries = autoregressive(bundle, PROMPTS, plan, torch.Generator().manual_seed(0))
+    assert latents.shape == (2, 4, 14, 8, 8) and boundaries == [6, 8, 10, 12]
+    assert len(seen) == 4 == _chunk_count(plan, GenerateConfig()) - 1
+    assert generate_module.anchor_index(6, 2) == [2, 3] and generate_module.anchor_index(16, 1) == [8]
+    for (known, index), start in zip(seen, boundaries):
+        assert index == [0, 1, 2, 3]
+        torch.testing.assert_close(known[:, :, :2], latents[:, :, [2, 3]])  # the anchor: always the first chunk's
+        torch.testing.assert_close(known[:, :, 2:], latents[:, :, start - 2 : start])  # the context: the last frames
+    plain, _ = autoregressive(bundle, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain[:, :, :6], latents[:, :, :6])  # the first chunk is the same
 
 
 def test_hierarchical_keeps_the_keyframes_and_fills_the_rest(bundle):

@@ -75,12 +75,15 @@ def wire(cfg: DemoConfig) -> DemoConfig:
 
 def _generate_both(cfg: DemoConfig, log) -> tuple[dict[str, dict], dict]:
     """Generate with reconstruction guidance and with replacement (same prompts, same seed). Replacement is the
-    paper's imputation baseline (§3.1): the network is not given the context, even one trained with known frames."""
+    paper's imputation baseline (§3.1): the network is not given the context, even one trained with known frames,
+    and it is conditioned on the last frames alone (no anchor frames of the first chunk)."""
     results, start = {}, time.perf_counter()
     with PeakMemory() as memory:
         for method in METHODS:
+            ours = method == "reconstruction"
             gen = dataclasses.replace(cfg.generate, method=method, name=method,
-                                      known_input=cfg.generate.known_input and method == "reconstruction")
+                                      known_input=cfg.generate.known_input and ours,
+                                      anchor_frames=cfg.generate.anchor_frames if ours else 0)
             results[method] = generate(gen, log)
     first = results["reconstruction"]
     seconds = time.perf_counter() - start

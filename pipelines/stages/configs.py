@@ -111,6 +111,7 @@ class GenerateConfig:
     method: Literal["reconstruction", "replacement"] = "reconstruction"  # paper §3.1: guidance, or imputation
     w_r: float = 2.0  # reconstruction guidance weight (paper: > 1 helps)
     context_noise: float = 0.0  # σ of the noise put on the latent context (0: exact context)
+    anchor_frames: int = 0  # m: frames of the first chunk (spread over it) every later chunk is also conditioned on
     known_input: bool = True  # a model trained with unet.known_frames is also given the context as input
     # (false: reconstruction guidance or replacement alone)
     mode: Literal["autoregressive", "hierarchical"] = "autoregressive"
@@ -135,9 +136,11 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.context_noise < 1:
             raise ValueError(f"context_noise must be in [0, 1), got {self.context_noise}")
-        if self.chunk_frames is not None and not 0 < self.context_frames < self.chunk_frames:
-            raise ValueError(f"context_frames must be between 1 and chunk_frames − 1 = {self.chunk_frames - 1}, "
-                             f"got {self.context_frames}")
+        if self.anchor_frames < 0:
+            raise ValueError(f"anchor_frames must be at least 0, got {self.anchor_frames}")
+        if self.chunk_frames is not None and self.context_frames + self.anchor_frames >= self.chunk_frames:
+            raise ValueError(f"context_frames plus anchor_frames must be below chunk_frames = {self.chunk_frames}, "
+                             f"got {self.context_frames} + {self.anchor_frames}")
         if self.w_r < 0 or self.fps <= 0:
             raise ValueError(f"w_r must be at least 0 and fps positive, got {self.w_r}, {self.fps}")
 

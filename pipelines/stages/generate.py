@@ -44,6 +44,12 @@ class Plan:
     context_noise: float
     sampling: SamplingConfig
     known_input: bool = True  # give a network trained with known frames the context as input
+    anchor: int = 0  # m: frames of the first chunk every later chunk is also conditioned on
+
+    @property
+    def known(self) -> int:
+        """Frames every extension chunk is conditioned on: the anchor frames, then the context."""
+        return self.anchor + self.context
 
 
 def _noisy(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
@@ -54,25 +60,36 @@ def _noisy(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
     return math.sqrt(1 - sigma**2) * x + sigma * noise
 
 
+def anchor_index(chunk: int, anchor: int) -> list[int]:
+    """The ``anchor`` frames of a first chunk of ``chunk`` frames that later chunks are conditioned on, spread
+    evenly inside it (the middle one for one anchor), so one odd first frame does not become the reference."""
+    return torch.linspace(0, chunk - 1, anchor + 2)[1:-1].round().long().tolist()
+
+
 def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, generator: torch.Generator,
                    on_chunk: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, list[int]]:
-    """Latents ``[b, c, total, h, w]`` (on the CPU) and the indices where each extension chunk starts."""
-    if not 0 < plan.context < plan.chunk:
-        raise UserError(f"context_frames must be between 1 and chunk_frames − 1 = {plan.chunk - 1}, "
-                        f"got {plan.context}")
+    """Latents ``[b, c, total, h, w]`` (on the CPU) and the indices where each extension chunk starts.
+
+    Each extension chunk is conditioned on the last ``plan.context`` frames and, with ``plan.anchor`` = m > 0,
+    also on m frames of the first chunk placed before them (paper §3.1 conditions on any known frames): a fixed
+    reference for what the object looks like, however long the video grows."""
+    if not 0 < plan.context or plan.anchor < 0 or plan.known >= plan.chunk:
+        raise UserError(f"context_frames (at least 1) plus anchor_frames must be below chunk_frames = {plan.chunk}, "
+                        f"got {plan.context} + {plan.anchor}")
     c, _, h, w = bundle.latent_shape
     base, later = bundle.chunk_denoisers(prompts, plan.sampling)
     shape = (len(prompts), c, plan.chunk, h, w)
     first = sample(bundle, base, shape, plan.sampling, generator)  # chunk 1: from noise
+    anchor = first[:, :, anchor_index(plan.chunk, plan.anchor)]
     pieces, tail, produced, boundaries = [first.cpu()], first[:, :, -plan.context :], plan.chunk, []
     if on_chunk:
         on_chunk(first)
     while produced < plan.total:
-        context = _noisy(tail, plan.context_noise, generator)
-        given = later(context, range(plan.context), plan.chunk) if plan.known_input else later()
-        denoise = temporal_conditioning(given, context, range(plan.context), plan.method, plan.w_r, generator,
+        context = _noisy(torch.cat([anchor, tail], dim=2), plan.context_noise, generator)
+        given = later(context, range(plan.known), plan.chunk) if plan.known_input else later()
+        denoise = temporal_conditioning(given, context, range(plan.known), plan.method, plan.w_r, generator,
                                         bundle.model.noise_correlation)
-        new = sample(bundle, denoise, shape, plan.sampling, generator)[:, :, plan.context :]
+        new = sample(bundle, denoise, shape, plan.sampling, generator)[:, :, plan.known :]
         boundaries.append(produced)
         pieces.append(new.cpu())
         tail = torch.cat([tail, new], dim=2)[:, :, -plan.context :]
@@ -159,7 +176,7 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out, "generate.yaml")
     plan = Plan(cfg.num_frames, cfg.chunk_frames or bundle.latent_shape[1], cfg.context_frames, cfg.method,
-                cfg.w_r, cfg.context_noise, cfg.sampling, cfg.known_input)
+                cfg.w_r, cfg.context_noise, cfg.sampling, cfg.known_input, cfg.anchor_frames)
     columns = min(cfg.num_frames, 16)
     sheet_frames = torch.linspace(0, cfg.num_frames - 1, columns).round().long().tolist()
     writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames)
@@ -197,8 +214,8 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
 def _chunk_count(plan: Plan, cfg: GenerateConfig) -> int:
     """Sampled chunks per batch of prompts."""
     if cfg.mode == "autoregressive":
-        return 1 + max(0, math.ceil((plan.total - plan.chunk) / (plan.chunk - plan.context)))
+        return 1 + max(0, math.ceil((plan.total - plan.chunk) / (plan.chunk - plan.known)))
     keys = math.ceil((plan.total - 1) / cfg.frame_skip) + 1
-    key_chunks = 1 + max(0, math.ceil((keys - plan.chunk) / (plan.chunk - plan.context)))
+    key_chunks = 1 + max(0, math.ceil((keys - plan.chunk) / (plan.chunk - plan.known)))
     step = max((plan.chunk - 1) // cfg.frame_skip, 1) * cfg.frame_skip
     return key_chunks + len(range(0, (keys - 1) * cfg.frame_skip, step))
