@@ -1,6 +1,7 @@
 """Long videos from prompts (paper §3.1, "long videos"): the first chunk is sampled from noise, then each new
 chunk is conditioned on the last ``k`` latent frames generated so far, by reconstruction guidance (default) or
 replacement; a network trained with known frames (``unet.known_frames``) is also given the context as input.
+With ``anchor_frames`` the chunks are also conditioned on a few frames of the first chunk, placed before the context.
 The context never leaves latent space (no decode / re-encode drift); it may carry a small amount of noise. The
 paper's hierarchical mode samples sparse keyframes first, then fills the frames between them with the same
 conditional sampler (the keyframes reach the network through the guidance only). Latents are decoded chunk by
