@@ -128,3 +128,25 @@ def test_without_a_detector_the_report_says_how_to_add_fvd(tmp_path):
     cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}"])
     distances = video_distances(cfg, {}, tmp_path, log=lambda *a: None)
     assert distances["computed"] is False and "metrics.i3d=" in distances["how"]
+
+
+def test_training_processes_split_the_batch_and_refuse_a_split_that_does_not_divide(monkeypatch):
+    from pipelines.core.config import ConfigError
+    from pipelines.demo.run import per_process, training_processes
+
+    cfg = load_config(DemoConfig, "configs/demo/default.yaml", ["processes=4"])
+    assert training_processes(cfg) == 4 and per_process(cfg, 4).diffusion.run.batch_size == 16 // 4
+    with pytest.raises(ConfigError, match="divisor of diffusion.run.batch_size"):
+        training_processes(load_config(DemoConfig, "configs/demo/default.yaml", ["processes=3"]))
+    auto = load_config(DemoConfig, "configs/demo/default.yaml", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert training_processes(auto) == 2  # a CPU machine with two cores: two single-threaded processes
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert training_processes(auto) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    odd = load_config(DemoConfig, "configs/demo/default.yaml", ["diffusion.run.batch_size=15"])
+    assert training_processes(odd) == 1  # auto never splits a batch unevenly
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_processes(auto) == 1  # one GPU: one process

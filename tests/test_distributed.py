@@ -33,6 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipelines.core.config import ConfigError, UserError, load_config
 from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,6 +194,38 @@ def test_only_rank_zero_writes(ddp, single):
     assert [r["step"] for r in loss_rows(out)] == [f"{s}.0" for s in range(1, STEPS + 1)]
     assert ddp["log"].count("diffusion: {") == 1  # only the main process reports
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+
+def _bad_input_on_rank_one() -> int:
+    """A stage that finds bad input in one process only (spawned: module level, so it pickles)."""
+    if os.environ.get("RANK") == "1":
+        raise ConfigError("data.latents: no shards in /nowhere")
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@pytest.mark.slow
+def test_run_in_processes_trains_the_model_one_process_trains(latents, work, single):
+    """The demo's way to several processes (spawned from inside one): the same model as one process at double
+    batch, the same files, and rank 0's summary handed back."""
+    from pipelines.core.processes import run_in_processes
+    from pipelines.stages.configs import DiffusionTrainConfig
+    from pipelines.stages.train_diffusion import train_diffusion
+
+    out = work / "spawned"
+    cfg = load_config(DiffusionTrainConfig, None, [*diffusion(latents, out, GLOBAL_BATCH // 2), "run.device=cpu"])
+    summary = run_in_processes(train_diffusion, (cfg,), processes=2)
+    assert summary["steps"] == STEPS and summary == json.loads((out / "summary.json").read_text())
+    assert_same_losses(out, single["out"])
+    assert_same_state(final_checkpoint(out), final_checkpoint(single["out"]))
+    assert files(out) == files(single["out"])
+
+
+def test_run_in_processes_turns_a_childs_bad_input_into_one_error():
+    from pipelines.core.processes import run_in_processes
+
+    with pytest.raises(UserError, match="no shards in /nowhere"):
+        run_in_processes(_bad_input_on_rank_one, (), processes=2)
+    assert run_in_processes(_bad_input_on_rank_one, (), processes=1) == 1  # one process: called in place
 
 
 def kill_process_tree(proc: subprocess.Popen) -> None:

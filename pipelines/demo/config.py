@@ -57,6 +57,9 @@ class DemoConfig:
     )
 
     out_dir: str = "outputs/demo"  # everything the demo writes: work/ (stages), videos/, report.json / .md
+    processes: int = 0  # data-parallel processes training the diffusion model, the batch split between them
+    # (the same model: every sample's draws are keyed by its slot): 0 = two on a machine without CUDA that has
+    # 2+ cores (single-threaded processes run a small model's many small operations faster), else one
     world: WorldConfig = field(default_factory=WorldConfig)
     autoencoder: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)

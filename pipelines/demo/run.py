@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -21,9 +22,10 @@ import numpy as np
 import torch
 
 from autoencoder import decode_video, encode_video, load_autoencoder
-from pipelines.core.config import save_resolved_config
+from pipelines.core.config import ConfigError, save_resolved_config
 from pipelines.core.devices import PeakMemory, matmul_peak_gflops
 from pipelines.core.files import atomic_write_json, atomic_write_text
+from pipelines.core.processes import run_in_processes
 from pipelines.demo.config import DemoConfig
 from pipelines.demo.grading import (
     adherence,
@@ -71,6 +73,26 @@ def wire(cfg: DemoConfig) -> DemoConfig:
     gen = dataclasses.replace(cfg.generate, model=dif.run.out_dir, autoencoder=None, out_dir=str(out / "videos"),
                               batch_size=len(cfg.generate.prompts))
     return dataclasses.replace(cfg, autoencoder=ae, encode=enc, diffusion=dif, generate=gen)
+
+
+def training_processes(cfg: DemoConfig) -> int:
+    """How many processes train the diffusion model (``cfg.processes``, 0 resolved): each gets an equal share
+    of the batch, so it must divide ``diffusion.run.batch_size``."""
+    batch, n = cfg.diffusion.run.batch_size, cfg.processes
+    if n == 0:
+        cpu_only = not torch.cuda.is_available() and cfg.diffusion.run.device in ("auto", "cpu")
+        n = 2 if cpu_only and min(os.cpu_count() or 1, torch.get_num_threads()) >= 2 and batch % 2 == 0 else 1
+    if n < 1 or batch % n:
+        raise ConfigError(f"processes={cfg.processes} must be 0 or a positive divisor of diffusion.run.batch_size "
+                          f"({batch})")
+    return n
+
+
+def per_process(cfg: DemoConfig, processes: int) -> DemoConfig:
+    """The diffusion stage's config for each of ``processes`` processes: the same global batch, split."""
+    run = cfg.diffusion.run
+    return dataclasses.replace(cfg, diffusion=dataclasses.replace(
+        cfg.diffusion, run=dataclasses.replace(run, batch_size=run.batch_size // processes)))
 
 
 def _generate_both(cfg: DemoConfig, log) -> tuple[dict[str, dict], dict]:
@@ -214,8 +236,13 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     manifest = encode_latents(cfg.encode, log)
     log(f"    {manifest['clips']} clips of latents {manifest['latent_shape']}, {time.perf_counter() - t:.1f} s")
 
-    _stage("4/7 training the text-conditioned diffusion model", log)
-    dif = train_diffusion(cfg.diffusion, log)
+    processes = training_processes(cfg)
+    _stage(f"4/7 training the text-conditioned diffusion model ({processes} process{'es' * (processes > 1)})", log)
+    if processes > 1:
+        dif = run_in_processes(train_diffusion, (per_process(cfg, processes).diffusion,), processes)
+    else:
+        dif = train_diffusion(cfg.diffusion, log)
+    dif = dif | {"processes": processes}
 
     _stage(f"5/7 classifier-free guidance sweep: w in {sorted(set(cfg.sweep.weights))}, held-out and training "
            f"captions", log)

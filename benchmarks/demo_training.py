@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""How fast the demo's diffusion stage trains on this CPU under each process setup, side by side (a benchmark,
+not a test): the demo's own model, latents and batch, each variant a fresh subprocess, variants interleaved
+round by round, with the fp32 matmul peak measured in the same run.
+
+Variants: ``one_process`` (one process with all of torch's threads: the demo before, ``processes=1``) and
+``two_processes`` (two data-parallel processes of one thread each at half the batch each: what ``make demo``
+runs on a 2-core machine, ``processes=0``). Both train the same model (the loss they log agrees).
+
+    make demo                                          # writes the latents this trains on
+    python benchmarks/demo_training.py --steps 100 --rounds 2 --out outputs/benchmarks/demo_training.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {"one_process": 1, "two_processes": 2}
+
+
+def child(variant: str, config: str, steps: int, out_dir: str) -> None:
+    """Train ``steps`` steps of the demo's diffusion stage under ``variant``; print its summary as JSON."""
+    import dataclasses  # noqa: PLC0415
+
+    processes = VARIANTS[variant]
+    from pipelines.core.config import load_config  # noqa: PLC0415
+    from pipelines.core.processes import run_in_processes  # noqa: PLC0415
+    from pipelines.demo.config import DemoConfig  # noqa: PLC0415
+    from pipelines.demo.run import per_process, wire  # noqa: PLC0415
+    from pipelines.stages.train_diffusion import train_diffusion  # noqa: PLC0415
+
+    cfg = wire(load_config(DemoConfig, config, []))
+    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(
+        cfg.diffusion, sample_prompts=[], run=dataclasses.replace(
+            cfg.diffusion.run, steps=steps, out_dir=out_dir, checkpoint_every=10 * steps, resume=False)))
+    began = time.perf_counter()
+    summary = run_in_processes(train_diffusion, (per_process(cfg, processes).diffusion,), processes)
+    print("RESULT " + json.dumps(summary | {"wall_s": round(time.perf_counter() - began, 2)}), flush=True)
+
+
+def run_variant(variant: str, args) -> dict:
+    """One variant in a fresh subprocess; its summary (training seconds, wall seconds, final loss)."""
+    with tempfile.TemporaryDirectory(prefix="demo_training_") as out:
+        done = subprocess.run([sys.executable, __file__, "--child", variant, "--config", args.config,
+                               "--steps", str(args.steps), "--work", out], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"{variant} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/demo/default.yaml", help="the demo config whose latents exist")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each running every variant once")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", default="outputs/benchmarks/demo_training.json")
+    parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.config, args.steps, args.work)
+
+    from pipelines.core.config import load_config  # noqa: PLC0415
+    from pipelines.core.devices import matmul_peak_gflops  # noqa: PLC0415
+    from pipelines.demo.config import DemoConfig  # noqa: PLC0415
+
+    latents = Path(load_config(DemoConfig, args.config, []).out_dir) / "work" / "latents"
+    if not latents.is_dir():
+        raise SystemExit(f"no demo latents at {latents}: run `make demo` first (or pass the --config it used)")
+    peaks = [matmul_peak_gflops()["fp32_matmul_peak_gflops"]]
+    rows: dict[str, list[dict]] = {v: [] for v in args.variants}
+    for round_ in range(args.rounds):
+        for variant in args.variants:
+            result = run_variant(variant, args)
+            rows[variant].append(result)
+            print(f"round {round_ + 1}: {variant:14s} {args.steps / result['seconds']:.2f} steps/s "
+                  f"(training {result['seconds']:.1f} s, wall {result['wall_s']:.1f} s, "
+                  f"final loss {result['final_loss']:.4f})", flush=True)
+        peaks.append(matmul_peak_gflops()["fp32_matmul_peak_gflops"])
+    base = statistics.median(r["seconds"] for r in rows[args.variants[0]])
+    summary = {}
+    print(f"\nfp32 matmul peak {min(peaks):.1f}–{max(peaks):.1f} GFLOP/s (before and after each round)")
+    print("| variant | training s (median) | steps/s | speed-up vs " + args.variants[0] + " | wall s (median) |")
+    print("|---|---|---|---|---|")
+    for variant, results in rows.items():
+        seconds = statistics.median(r["seconds"] for r in results)
+        wall = statistics.median(r["wall_s"] for r in results)
+        summary[variant] = {"training_s": seconds, "wall_s": wall, "steps_per_s": args.steps / seconds,
+                            "speedup": base / seconds, "rounds": results}
+        print(f"| {variant} | {seconds:.1f} | {args.steps / seconds:.2f} | {base / seconds:.3f} | {wall:.1f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "rounds": args.rounds, "peaks_gflops": peaks,
+                               "variants": summary}, indent=2))
+    print(f"\n→ {out}")
+
+
+if __name__ == "__main__":
+    main()
