@@ -14,6 +14,7 @@ runs on a 2-core machine, ``processes=0``). Both train the same model (the loss 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -30,8 +31,6 @@ VARIANTS = {"one_process": 1, "two_processes": 2}
 
 def child(variant: str, config: str, steps: int, out_dir: str) -> None:
     """Train ``steps`` steps of the demo's diffusion stage under ``variant``; print its summary as JSON."""
-    import dataclasses  # noqa: PLC0415
-
     processes = VARIANTS[variant]
     from pipelines.core.config import load_config  # noqa: PLC0415
     from pipelines.core.processes import run_in_processes  # noqa: PLC0415

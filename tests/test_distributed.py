@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.core.config import ConfigError, UserError, load_config
+from pipelines.core.processes import free_port
 from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,12 +41,6 @@ TOL = 1e-4  # bound on |a - b| / |b| (norms) per saved tensor, and on the relati
 STEPS = 4  # checkpoints at 2 and 4 (checkpoint_every=2 in diffusion_overrides)
 GLOBAL_BATCH = 8
 PORT = "<free port>"  # filled in by with_port at each launch
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def subprocess_env(tmp: Path) -> dict[str, str]:
