@@ -43,7 +43,7 @@ def child(variant: str, config: str, steps: int, out_dir: str) -> None:
         cfg.diffusion, sample_prompts=[], run=dataclasses.replace(
             cfg.diffusion.run, steps=steps, out_dir=out_dir, checkpoint_every=10 * steps, resume=False)))
     began = time.perf_counter()
-    summary = run_in_processes(train_diffusion, (per_process(cfg, processes).diffusion,), processes)
+    summary = run_in_processes(train_diffusion, (per_process(cfg.diffusion, processes),), processes)
     print("RESULT " + json.dumps(summary | {"wall_s": round(time.perf_counter() - began, 2)}), flush=True)
 
 

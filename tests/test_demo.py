@@ -135,7 +135,7 @@ def test_training_processes_split_the_batch_and_refuse_a_split_that_does_not_div
     from pipelines.demo.run import per_process, training_processes
 
     cfg = load_config(DemoConfig, "configs/demo/default.yaml", ["processes=4"])
-    assert training_processes(cfg) == 4 and per_process(cfg, 4).diffusion.run.batch_size == 16 // 4
+    assert training_processes(cfg) == 4 and per_process(cfg.diffusion, 4).run.batch_size == 16 // 4
     with pytest.raises(ConfigError, match="divisor of diffusion.run.batch_size"):
         training_processes(load_config(DemoConfig, "configs/demo/default.yaml", ["processes=3"]))
     auto = load_config(DemoConfig, "configs/demo/default.yaml", [])

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.core.config import ConfigError, UserError, load_config
-from pipelines.core.processes import free_port
+from pipelines.core.processes import free_port, run_in_processes
 from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,6 @@ def _bad_input_on_rank_one() -> int:
 def test_run_in_processes_trains_the_model_one_process_trains(latents, work, single):
     """The demo's way to several processes (spawned from inside one): the same model as one process at double
     batch, the same files, and rank 0's summary handed back."""
-    from pipelines.core.processes import run_in_processes
     from pipelines.stages.configs import DiffusionTrainConfig
     from pipelines.stages.train_diffusion import train_diffusion
 
@@ -215,8 +214,6 @@ def test_run_in_processes_trains_the_model_one_process_trains(latents, work, sin
 
 
 def test_run_in_processes_turns_a_childs_bad_input_into_one_error():
-    from pipelines.core.processes import run_in_processes
-
     with pytest.raises(UserError, match="no shards in /nowhere"):
         run_in_processes(_bad_input_on_rank_one, (), processes=2)
     assert run_in_processes(_bad_input_on_rank_one, (), processes=1) == 1  # one process: called in place

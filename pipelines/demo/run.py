@@ -40,6 +40,7 @@ from pipelines.demo.grading import (
 from pipelines.demo.report import render_report, targets
 from pipelines.evaluation.config import EvaluateConfig
 from pipelines.media.video_io import as_float_frames
+from pipelines.stages.configs import DiffusionTrainConfig
 from pipelines.stages.encode_latents import encode_latents
 from pipelines.stages.evaluate import evaluate
 from pipelines.stages.generate import generate
@@ -88,11 +89,10 @@ def training_processes(cfg: DemoConfig) -> int:
     return n
 
 
-def per_process(cfg: DemoConfig, processes: int) -> DemoConfig:
+def per_process(diffusion: DiffusionTrainConfig, processes: int) -> DiffusionTrainConfig:
     """The diffusion stage's config for each of ``processes`` processes: the same global batch, split."""
-    run = cfg.diffusion.run
-    return dataclasses.replace(cfg, diffusion=dataclasses.replace(
-        cfg.diffusion, run=dataclasses.replace(run, batch_size=run.batch_size // processes)))
+    return dataclasses.replace(diffusion, run=dataclasses.replace(
+        diffusion.run, batch_size=diffusion.run.batch_size // processes))
 
 
 def _generate_both(cfg: DemoConfig, log) -> tuple[dict[str, dict], dict]:
@@ -239,7 +239,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     processes = training_processes(cfg)
     _stage(f"4/7 training the text-conditioned diffusion model ({processes} process{'es' * (processes > 1)})", log)
     if processes > 1:
-        dif = run_in_processes(train_diffusion, (per_process(cfg, processes).diffusion,), processes)
+        dif = run_in_processes(train_diffusion, (per_process(cfg.diffusion, processes),), processes)
     else:
         dif = train_diffusion(cfg.diffusion, log)
     dif = dif | {"processes": processes}
