@@ -272,6 +272,32 @@ def test_attention_blocks_equal_their_nchw_reference():
     torch.testing.assert_close(temporal(x, state), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_cross_attention_folds_frames_that_share_their_tokens_into_one_query_sequence():
+    """Shared tokens ``[b, n, e]`` (one attention call per clip over all its frames' positions) and per-frame
+    tokens ``[b, f, n, e]`` both equal the per-frame NCHW reference on the math kernel."""
+    from einops import rearrange, repeat
+
+    from diffusion.unet3d import CrossAttention, FrameState
+
+    torch.manual_seed(0)
+    b, f, c, h, w, heads, n, e = 2, 5, 16, 4, 3, 2, 7, 6
+    block = CrossAttention(c, e, heads, 4, "sdpa")
+    torch.nn.init.normal_(block.proj.weight, std=0.2)
+    x, tokens = torch.randn(b * f, c, h, w), torch.randn(b, n, e)
+
+    def reference(per_frame):  # [(b f), n, e]
+        q = rearrange(block.q(block.norm(x)), "n (m d) h w -> n m (h w) d", m=heads)
+        k, v = rearrange(block.kv(per_frame), "n t (two m d) -> two n m t d", two=2, m=heads)
+        out = math_attention(q, k, v)
+        return x + block.proj(rearrange(out, "n m (h w) d -> n (m d) h w", h=h, w=w))
+
+    shared = block(x, FrameState(emb=torch.randn(b * f, 8), num_frames=f, context=tokens))
+    torch.testing.assert_close(shared, reference(repeat(tokens, "b t e -> (b f) t e", f=f)), rtol=1e-5, atol=1e-5)
+    own = torch.randn(b, f, n, e)
+    per_frame = block(x, FrameState(emb=torch.randn(b * f, 8), num_frames=f, context=own))
+    torch.testing.assert_close(per_frame, reference(rearrange(own, "b f t e -> (b f) t e")), rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 def test_known_frames_enter_as_input_channels_where_the_mask_says():
     """A ``known_frames`` network reads the clean latents of the frames its mask marks, and nothing else of
@@ -294,3 +320,22 @@ def test_known_frames_enter_as_input_channels_where_the_mask_says():
         net(z, logsnr, cond, known=known, known_mask=mask[:, :4])
     with pytest.raises(ValueError, match="without known_frames"):
         _net()(z, logsnr, cond, known=known, known_mask=mask)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_group_norm_equals_pytorchs_on_small_maps_forward_and_backward(size):
+    """The U-Net's group norm (the layer-norm form at ≤ 4 positions on the CPU) against ``nn.GroupNorm``."""
+    from diffusion.unet3d import GroupNorm
+
+    torch.manual_seed(0)
+    ours, reference = GroupNorm(4, 16, eps=1e-6), torch.nn.GroupNorm(4, 16, eps=1e-6)
+    torch.nn.init.normal_(ours.weight), torch.nn.init.normal_(ours.bias)
+    reference.load_state_dict(ours.state_dict())
+    x = (3 * torch.randn(6, 16, size, size) + 1).requires_grad_()
+    y, y_ref = ours(x), reference(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), grad)
+    want = torch.autograd.grad(y_ref, (x, reference.weight, reference.bias), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
