@@ -64,6 +64,27 @@ class GroupNorm(nn.GroupNorm):
         return torch.addcmul(self.bias.view(1, c, 1, 1), y, self.weight.view(1, c, 1, 1))
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and checkpoints) that runs a 3×3 convolution of a 2×2 map (stride 1, padding
+    1, the U-Net's lowest level) on the CPU as one dense matrix product. On a 2×2 map every output position sees
+    every input position, through the kernel tap at their offset, so the convolution is the matrix
+    ``[c_out·4, c_in·4]`` gathered from the kernel: 4 taps a position instead of 9 (5 of them fall on the zero
+    padding), and one matrix product instead of oneDNN's convolution, whose forward and backward took 3.1 ms
+    there against 2.2 (``[128, 64, 2, 2]``, 64 → 64 channels, one thread)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type != "cpu" or x.dim() != 4 or tuple(x.shape[2:]) != (2, 2) or self.kernel_size != (3, 3)
+                or self.stride != (1, 1) or self.padding != (1, 1) or self.dilation != (1, 1) or self.groups != 1):
+            return super().forward(x)
+        n, c = x.shape[:2]
+        position = torch.arange(4, device=x.device)
+        row, col = position // 2, position % 2
+        tap = (row[None, :] - row[:, None] + 1) * 3 + (col[None, :] - col[:, None] + 1)  # [output, input]
+        matrix = self.weight.flatten(2)[:, :, tap].permute(0, 2, 1, 3).reshape(self.out_channels * 4, c * 4)
+        bias = None if self.bias is None else self.bias.repeat_interleave(4)
+        return F.linear(x.reshape(n, c * 4), matrix, bias).view(n, self.out_channels, 2, 2)
+
+
 def _group_norm(channels: int, groups: int) -> GroupNorm:
     return GroupNorm(min(groups, channels), channels, eps=1e-6)
 
@@ -124,11 +145,11 @@ class ResBlock(nn.Module):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = _group_norm(cin, groups)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = Conv2d(cin, cout, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, cout * (2 if scale_shift else 1))
         self.norm2 = _group_norm(cout, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.conv2 = _zero(Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, state: FrameState) -> Tensor:

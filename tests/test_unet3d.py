@@ -339,3 +339,20 @@ def test_group_norm_equals_pytorchs_on_small_maps_forward_and_backward(size):
     want = torch.autograd.grad(y_ref, (x, reference.weight, reference.bias), grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size, cin", [(2, 12), (2, 24), (4, 12)])
+def test_conv_equals_pytorchs_convolution_forward_and_backward(size, cin):
+    """The U-Net's 3×3 convolution (one dense matrix product at 2×2 maps on the CPU) against ``F.conv2d``."""
+    from diffusion.unet3d import Conv2d
+
+    torch.manual_seed(0)
+    conv = Conv2d(cin, 16, 3, padding=1)
+    x = torch.randn(5, cin, size, size, requires_grad=True)
+    y, y_ref = conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)
+    want = torch.autograd.grad(y_ref, (x, conv.weight, conv.bias), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""The demo U-Net's training step, timed side by side across checkouts of this repository (a benchmark, not a
+test): each checkout's own ``diffusion`` package, the U-Net of ``configs/demo/default.yaml`` at one process's
+share of the demo batch, one thread (what each of the demo's two training processes runs), every root a fresh
+subprocess, roots interleaved round by round, with the fp32 matmul peak measured before and after each round.
+
+It times the network alone (forward, backward and fused AdamW on random latents, every zero-initialised layer
+given weights so every path computes), so a change to the network shows without the rest of the loop.
+
+    git worktree add /tmp/before <commit>                   # the code to compare against
+    python benchmarks/demo_unet_step.py --roots /tmp/before . --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child(root: str, steps: int, threads: int, processes: int) -> None:
+    """Time ``steps`` training steps of the demo U-Net as ``root`` builds it; print the median as JSON."""
+    sys.path.insert(0, root)
+    import dataclasses  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from diffusion import UNet3D  # noqa: PLC0415
+    from pipelines.core.config import load_config  # noqa: PLC0415
+    from pipelines.demo.config import DemoConfig  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = load_config(DemoConfig, str(Path(root) / "configs" / "demo" / "default.yaml"), [])
+    if cfg.diffusion.text.kind != "small":
+        raise SystemExit("this benchmark builds the demo's own text widths (text.kind=small)")
+    width, channels = cfg.diffusion.text.width, cfg.autoencoder.model.z_channels
+    net = UNet3D(dataclasses.replace(cfg.diffusion.model.unet, in_channels=channels, out_channels=channels,
+                                     cond_dim=width, context_dim=width if cfg.diffusion.text.use_tokens else 0))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    b, f = cfg.diffusion.run.batch_size // processes, cfg.diffusion.data.num_frames
+    size = cfg.world.spec.size // 2 ** (len(cfg.autoencoder.model.channel_mult) - 1)
+    z = torch.randn(b, channels, f, size, size)
+    tokens = torch.randn(b, cfg.diffusion.text.context_length, width)
+    inputs = {"logsnr": torch.randn(b), "cond": torch.randn(b, width), "context": tokens}
+    if net.config.known_frames:
+        inputs |= {"known": torch.randn_like(z), "known_mask": torch.rand(b, f) < 0.25}
+
+    def step() -> None:
+        loss = (net(z, **inputs) - z).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        began = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - began)
+    print("RESULT " + json.dumps({"median_ms": 1e3 * statistics.median(times), "batch": b, "frames": f,
+                                  "size": size, "parameters": sum(p.numel() for p in net.parameters())}), flush=True)
+
+
+def run_root(root: Path, args) -> dict:
+    """One timing of ``root`` in a fresh subprocess."""
+    done = subprocess.run([sys.executable, __file__, "--child", str(root), "--steps", str(args.steps),
+                           "--threads", str(args.threads), "--processes", str(args.processes)],
+                          capture_output=True, text=True, cwd=root)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"{root} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--roots", nargs="+", default=["."], help="checkouts to time (the first is the baseline)")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per root and round (after 3 warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each timing every root once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the demo's processes use 1)")
+    parser.add_argument("--processes", type=int, default=2, help="the demo batch is split over this many")
+    parser.add_argument("--out", default="outputs/benchmarks/demo_unet_step.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.steps, args.threads, args.processes)
+
+    sys.path.insert(0, str(ROOT))
+    from pipelines.core.devices import matmul_peak_gflops  # noqa: PLC0415
+
+    roots = [Path(r).resolve() for r in args.roots]
+    peaks = [matmul_peak_gflops()["fp32_matmul_peak_gflops"]]
+    rows: dict[str, list[float]] = {str(r): [] for r in roots}
+    for round_ in range(args.rounds):
+        for root in roots:
+            result = run_root(root, args)
+            rows[str(root)].append(result["median_ms"])
+            print(f"round {round_ + 1}: {root}  {result['median_ms']:.1f} ms a step "
+                  f"(batch {result['batch']} x {result['frames']} frames of {result['size']}x{result['size']})",
+                  flush=True)
+        peaks.append(matmul_peak_gflops()["fp32_matmul_peak_gflops"])
+    base = statistics.median(rows[str(roots[0])])
+    print(f"\nfp32 matmul peak {min(peaks):.1f}-{max(peaks):.1f} GFLOP/s ({args.threads} of torch's threads: "
+          f"the peak is measured with all of them)")
+    print("| checkout | step ms (median of rounds) | speed-up vs the first |\n|---|---|---|")
+    summary = {}
+    for root, values in rows.items():
+        median = statistics.median(values)
+        summary[root] = {"median_ms": median, "rounds_ms": values, "speedup": base / median}
+        print(f"| {root} | {median:.1f} | {base / median:.3f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"steps": args.steps, "threads": args.threads, "peaks_gflops": peaks,
+                               "roots": summary}, indent=2))
+    print(f"\n→ {out}")
+
+
+if __name__ == "__main__":
+    main()
