@@ -64,6 +64,15 @@ class GroupNorm(nn.GroupNorm):
         return torch.addcmul(self.bias.view(1, c, 1, 1), y, self.weight.view(1, c, 1, 1))
 
 
+def _taps_2x2() -> Tensor:
+    """``[output, input]`` positions of a 2×2 map (row-major) → the index of the 3×3 kernel tap that joins them."""
+    row, col = torch.arange(4) // 2, torch.arange(4) % 2
+    return (row[None, :] - row[:, None] + 1) * 3 + (col[None, :] - col[:, None] + 1)
+
+
+_TAPS_2X2 = _taps_2x2()
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and checkpoints) that runs a 3×3 convolution of a 2×2 map (stride 1, padding
     1, the U-Net's lowest level) on the CPU as one dense matrix product. On a 2×2 map every output position sees
@@ -77,10 +86,7 @@ class Conv2d(nn.Conv2d):
                 or self.stride != (1, 1) or self.padding != (1, 1) or self.dilation != (1, 1) or self.groups != 1):
             return super().forward(x)
         n, c = x.shape[:2]
-        position = torch.arange(4, device=x.device)
-        row, col = position // 2, position % 2
-        tap = (row[None, :] - row[:, None] + 1) * 3 + (col[None, :] - col[:, None] + 1)  # [output, input]
-        matrix = self.weight.flatten(2)[:, :, tap].permute(0, 2, 1, 3).reshape(self.out_channels * 4, c * 4)
+        matrix = self.weight.flatten(2)[:, :, _TAPS_2X2].permute(0, 2, 1, 3).reshape(self.out_channels * 4, c * 4)
         bias = None if self.bias is None else self.bias.repeat_interleave(4)
         return F.linear(x.reshape(n, c * 4), matrix, bias).view(n, self.out_channels, 2, 2)
 

@@ -322,23 +322,27 @@ def test_known_frames_enter_as_input_channels_where_the_mask_says():
         _net()(z, logsnr, cond, known=known, known_mask=mask)
 
 
+def _assert_same_function(ours, reference, x: torch.Tensor, params, tol: float) -> None:
+    """``ours(x)`` and ``reference(x)`` agree, and so do their gradients with respect to ``x`` and ``params``."""
+    y, y_ref = ours(x), reference(x)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    grad = torch.randn_like(y)
+    got, want = torch.autograd.grad(y, (x, *params), grad), torch.autograd.grad(y_ref, (x, *params), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("size", [1, 2, 4])
 def test_group_norm_equals_pytorchs_on_small_maps_forward_and_backward(size):
-    """The U-Net's group norm (the layer-norm form at ≤ 4 positions on the CPU) against ``nn.GroupNorm``."""
+    """The U-Net's group norm (the layer-norm form at ≤ 4 positions on the CPU) against PyTorch's."""
     from diffusion.unet3d import GroupNorm
 
     torch.manual_seed(0)
-    ours, reference = GroupNorm(4, 16, eps=1e-6), torch.nn.GroupNorm(4, 16, eps=1e-6)
-    torch.nn.init.normal_(ours.weight), torch.nn.init.normal_(ours.bias)
-    reference.load_state_dict(ours.state_dict())
+    norm = GroupNorm(4, 16, eps=1e-6)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
     x = (3 * torch.randn(6, 16, size, size) + 1).requires_grad_()
-    y, y_ref = ours(x), reference(x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), grad)
-    want = torch.autograd.grad(y_ref, (x, reference.weight, reference.bias), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    reference = lambda t: torch.nn.functional.group_norm(t, 4, norm.weight, norm.bias, 1e-6)  # noqa: E731
+    _assert_same_function(norm, reference, x, (norm.weight, norm.bias), tol=1e-4)
 
 
 @pytest.mark.parametrize("size, cin", [(2, 12), (2, 24), (4, 12)])
@@ -349,10 +353,5 @@ def test_conv_equals_pytorchs_convolution_forward_and_backward(size, cin):
     torch.manual_seed(0)
     conv = Conv2d(cin, 16, 3, padding=1)
     x = torch.randn(5, cin, size, size, requires_grad=True)
-    y, y_ref = conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, conv.weight, conv.bias), grad)
-    want = torch.autograd.grad(y_ref, (x, conv.weight, conv.bias), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    reference = lambda t: torch.nn.functional.conv2d(t, conv.weight, conv.bias, padding=1)  # noqa: E731
+    _assert_same_function(conv, reference, x, (conv.weight, conv.bias), tol=1e-5)
