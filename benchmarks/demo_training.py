@@ -71,23 +71,18 @@ def main() -> None:
     if args.child:
         return child(args.child, args.config, args.steps, args.work)
 
+    from benchmarks.rounds import interleaved_rounds  # noqa: PLC0415
     from pipelines.core.config import load_config  # noqa: PLC0415
-    from pipelines.core.devices import matmul_peak_gflops  # noqa: PLC0415
     from pipelines.demo.config import DemoConfig  # noqa: PLC0415
 
     latents = Path(load_config(DemoConfig, args.config, []).out_dir) / "work" / "latents"
     if not latents.is_dir():
         raise SystemExit(f"no demo latents at {latents}: run `make demo` first (or pass the --config it used)")
-    peaks = [matmul_peak_gflops()["fp32_matmul_peak_gflops"]]
-    rows: dict[str, list[dict]] = {v: [] for v in args.variants}
-    for round_ in range(args.rounds):
-        for variant in args.variants:
-            result = run_variant(variant, args)
-            rows[variant].append(result)
-            print(f"round {round_ + 1}: {variant:14s} {args.steps / result['seconds']:.2f} steps/s "
-                  f"(training {result['seconds']:.1f} s, wall {result['wall_s']:.1f} s, "
-                  f"final loss {result['final_loss']:.4f})", flush=True)
-        peaks.append(matmul_peak_gflops()["fp32_matmul_peak_gflops"])
+    rows, peaks = interleaved_rounds(
+        args.variants, lambda variant: run_variant(variant, args), args.rounds,
+        lambda variant, result: f"{variant:14s} {args.steps / result['seconds']:.2f} steps/s (training "
+                                f"{result['seconds']:.1f} s, wall {result['wall_s']:.1f} s, final loss "
+                                f"{result['final_loss']:.4f})")
     base = statistics.median(r["seconds"] for r in rows[args.variants[0]])
     summary = {}
     print(f"\nfp32 matmul peak {min(peaks):.1f}–{max(peaks):.1f} GFLOP/s (before and after each round)")

@@ -98,22 +98,17 @@ def main() -> None:
         return child(args.child, args.steps, args.threads, args.processes)
 
     sys.path.insert(0, str(ROOT))
-    from pipelines.core.devices import matmul_peak_gflops  # noqa: PLC0415
+    from benchmarks.rounds import interleaved_rounds  # noqa: PLC0415
 
-    roots = [Path(r).resolve() for r in args.roots]
-    peaks = [matmul_peak_gflops()["fp32_matmul_peak_gflops"]]
-    rows: dict[str, list[float]] = {str(r): [] for r in roots}
-    for round_ in range(args.rounds):
-        for root in roots:
-            result = run_root(root, args)
-            rows[str(root)].append(result["median_ms"])
-            print(f"round {round_ + 1}: {root}  {result['median_ms']:.1f} ms a step "
-                  f"(batch {result['batch']} x {result['frames']} frames of {result['size']}x{result['size']})",
-                  flush=True)
-        peaks.append(matmul_peak_gflops()["fp32_matmul_peak_gflops"])
-    base = statistics.median(rows[str(roots[0])])
-    print(f"\nfp32 matmul peak {min(peaks):.1f}-{max(peaks):.1f} GFLOP/s ({args.threads} of torch's threads: "
-          f"the peak is measured with all of them)")
+    roots = [str(Path(r).resolve()) for r in args.roots]
+    results, peaks = interleaved_rounds(
+        roots, lambda root: run_root(Path(root), args), args.rounds,
+        lambda root, r: f"{root}  {r['median_ms']:.1f} ms a step (batch {r['batch']} x {r['frames']} frames of "
+                        f"{r['size']}x{r['size']})")
+    rows = {root: [r["median_ms"] for r in rs] for root, rs in results.items()}
+    base = statistics.median(rows[roots[0]])
+    print(f"\nfp32 matmul peak {min(peaks):.1f}-{max(peaks):.1f} GFLOP/s before and after each round, on all "
+          f"of torch's threads; the steps ran on {args.threads})")
     print("| checkout | step ms (median of rounds) | speed-up vs the first |\n|---|---|---|")
     summary = {}
     for root, values in rows.items():
