@@ -65,9 +65,13 @@ class GroupNorm(nn.GroupNorm):
 
 
 def _taps_2x2() -> Tensor:
-    """``[output, input]`` positions of a 2×2 map (row-major) → the index of the 3×3 kernel tap that joins them."""
+    """``[9, 16]`` zeros and ones: which of the 3×3 kernel taps joins output position ``p`` to input position ``q``
+    of a 2×2 map (column ``4p + q``, positions row-major). A matrix product with it gathers the kernel into the
+    dense matrix; its backward is another matrix product, where an indexed gather's is a slow scatter-add
+    (0.52 against 0.83 ms forward and backward at 64 → 64 channels, one thread)."""
     row, col = torch.arange(4) // 2, torch.arange(4) % 2
-    return (row[None, :] - row[:, None] + 1) * 3 + (col[None, :] - col[:, None] + 1)
+    tap = (row[None, :] - row[:, None] + 1) * 3 + (col[None, :] - col[:, None] + 1)  # [output, input]
+    return F.one_hot(tap.flatten(), 9).T.float()
 
 
 _TAPS_2X2 = _taps_2x2()
@@ -86,7 +90,8 @@ class Conv2d(nn.Conv2d):
                 or self.stride != (1, 1) or self.padding != (1, 1) or self.dilation != (1, 1) or self.groups != 1):
             return super().forward(x)
         n, c = x.shape[:2]
-        matrix = self.weight.flatten(2)[:, :, _TAPS_2X2].permute(0, 2, 1, 3).reshape(self.out_channels * 4, c * 4)
+        taps = (self.weight.flatten(2) @ _TAPS_2X2.to(self.weight)).view(self.out_channels, c, 4, 4)
+        matrix = taps.permute(0, 2, 1, 3).reshape(self.out_channels * 4, c * 4)  # [(c_out, output), (c_in, input)]
         bias = None if self.bias is None else self.bias.repeat_interleave(4)
         return F.linear(x.reshape(n, c * 4), matrix, bias).view(n, self.out_channels, 2, 2)
 

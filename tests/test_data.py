@@ -275,6 +275,34 @@ def test_frame_dataset_items_and_skips(mixed):
     assert "unreadable image: images/broken.png" in dataset.summary()
 
 
+def test_decoded_videos_give_the_frames_a_file_read_gives_within_their_budget(mixed, monkeypatch):
+    import pipelines.media.datasets as datasets
+
+    reads = []
+    real = datasets.read_frames
+    def counted(path, indices=None):
+        reads.append(indices)
+        return real(path, indices)
+
+    monkeypatch.setattr(datasets, "read_frames", counted)
+    kept, uncached = (FrameDataset(mixed, size=16, frames_per_video=4, crop="random", cache_mb=mb) for mb in (1, 0))
+    with pytest.warns(SkippedFileWarning):
+        for i in range(len(kept)):
+            a, b = kept[i], uncached[i]
+            assert a["path"] == b["path"] and torch.equal(a["image"], b["image"])
+    whole = [r for r in reads if r is None]
+    assert len(whole) == 6  # each of the six videos decoded once, whole, however many frames were drawn
+    assert kept.decoded.used == sum(v.nbytes for v in kept.decoded.videos.values()) <= kept.decoded.budget
+    one_video = next(iter(kept.decoded.videos.values())).nbytes  # 6 frames of 24×24
+    small = datasets.DecodedVideos(1.5 * one_video / 2**20)  # room for one video
+    for path in list(kept.decoded.videos)[:3]:
+        info = kept._infos[path]
+        assert np.array_equal(small.frame(path, 2, info), real(path, [2]))
+    assert len(small.videos) == 1 and small.used <= small.budget
+    tiny = datasets.DecodedVideos(0.5 * one_video / 2**20)  # no room: frames come from the file one by one
+    assert np.array_equal(tiny.frame(path, 5, info), real(path, [5])) and not tiny.videos
+
+
 def test_image_dataset(mixed):
     dataset = ImageDataset(mixed, size=8, crop="random")
     assert len(dataset) == 4

@@ -28,6 +28,17 @@ def test_small_encoder_shapes_padding_and_gradients():
     assert not torch.allclose(a["cond"], b["cond"])
 
 
+def test_remembered_tokens_equal_open_clips_batch_tokenizer():
+    from open_clip.tokenizer import tokenize as clip_tokenize
+
+    from pipelines.models.text import tokenize
+
+    captions = ["a red circle moving left", "", "A  Red circle, moving LEFT!", "word " * 40, "a red circle moving left"]
+    for length in (6, 16, 77):
+        assert torch.equal(tokenize(captions, length), clip_tokenize(captions, context_length=length))
+    assert tokenize([], 16).shape == (0, 16)
+
+
 def test_selecting_tokens_and_dims():
     encoder = build_text_encoder(TextConfig(kind="small", width=8, layers=1, heads=2))
     assert conditioning_dims(encoder, use_tokens=False) == (8, 0)

@@ -85,6 +85,28 @@ def test_sdpa_and_math_backends_agree():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_small_cpu_attention_runs_as_batched_matmuls_equal_to_the_math_forward_and_backward(monkeypatch):
+    import diffusion.attention as attention_module
+
+    q, k, v, bias = _qkv_bias(lq=7, lk=5)
+    for b in (None, bias):
+        ours = [t.clone().requires_grad_() for t in (q, k, v) + (() if b is None else (b,))]
+        ref = [t.detach().clone().requires_grad_() for t in ours]
+        out, expected = attention_module.batched_matmul_attention(*ours), math_attention(*ref)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        weights = torch.randn_like(out)
+        (out * weights).sum().backward(), (expected * weights).sum().backward()
+        for mine, theirs in zip(ours, ref):
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)
+    calls = []
+    monkeypatch.setattr(attention_module, "batched_matmul_attention", lambda *a: calls.append(a) or math_attention(*a))
+    attention(q, k, v, bias, backend="sdpa")
+    assert len(calls) == 1  # 6 · 2 · 7 · 5 logits: small
+    monkeypatch.setattr(attention_module, "SMALL_CPU_LOGITS", 6 * 2 * 7 * 5 - 1)
+    attention(q, k, v, bias, backend="sdpa")
+    assert len(calls) == 1  # one element more than the limit: PyTorch's kernel
+
+
 def test_network_is_the_same_on_every_cpu_backend():
     z, logsnr, cond = _inputs()
     nets = {name: _net(attention_backend=name) for name in ("sdpa", "math")}

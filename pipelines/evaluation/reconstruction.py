@@ -27,7 +27,7 @@ def held_out_frames(data: FramesConfig, count: int, seed: int, split: str = "eva
     """
     def frames_of(which: str) -> torch.Tensor:
         dataset = FrameDataset(data.roots, data.size, max(1, -(-count // 8)), which, data.eval_fraction, "center",
-                               seed=seed)
+                               seed=seed, cache_mb=data.cache_mb)
         return fixed_frames(dataset, count)
 
     try:

@@ -43,10 +43,13 @@ class FramesConfig:
     frames_per_video: int = 8  # items per file and epoch
     eval_fraction: float = 0.1  # share of files held out (by hash of their path)
     crop: Literal["center", "random"] = "random"  # training crops (evaluation always crops the centre)
+    cache_mb: float = 256  # decoded videos kept in memory per data process (each file decoded ~once); 0: off
 
     def __post_init__(self) -> None:
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be at least 0, got {self.cache_mb}")
         if self.size < 8 or self.frames_per_video < 1:
             raise ValueError(f"size must be at least 8 and frames_per_video at least 1, got {self.size}, "
                              f"{self.frames_per_video}")

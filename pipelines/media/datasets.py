@@ -25,7 +25,7 @@ import json
 import os
 import warnings
 from abc import ABC, abstractmethod
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -414,13 +414,39 @@ class ImageDataset(MediaDataset):
         return {"image": image, "caption": self.captions(path), "path": str(path)}
 
 
+class DecodedVideos:
+    """Whole decoded videos kept in memory, at most ``budget_mb`` megabytes of them, least recently used dropped
+    first: a frame dataset draws a few frames of every file per epoch, and decoding a short video whole costs
+    little more than seeking one frame of it (the demo world's 16-frame 32×32 clips: 3.3 ms against 2.7), so
+    each file is decoded about once instead of once per draw. Videos larger than the budget are read frame by
+    frame as before. Every data-loader process holds its own."""
+
+    def __init__(self, budget_mb: float):
+        self.budget, self.used = int(budget_mb * 2**20), 0
+        self.videos: OrderedDict[Path, np.ndarray] = OrderedDict()
+
+    def frame(self, path: Path, index: int, info: VideoInfo) -> np.ndarray:
+        """Frame ``index`` of ``path``: ``uint8 [1, H, W, 3]``, as ``read_frames(path, [index])`` decodes it."""
+        frames = self.videos.get(path)
+        if frames is None and info.num_frames * info.height * info.width * 3 <= self.budget:
+            frames = read_frames(path)
+            while self.videos and self.used + frames.nbytes > self.budget:
+                self.used -= self.videos.popitem(last=False)[1].nbytes
+            self.videos[path], self.used = frames, self.used + frames.nbytes
+        if frames is None or index >= len(frames):  # too large to keep, or a header promising more frames
+            return read_frames(path, [index])
+        self.videos.move_to_end(path)
+        return frames[index : index + 1]
+
+
 class FrameDataset(MediaDataset):
     """Single frames for training the per-frame autoencoder: ``{"image": [3, h, w] in [-1, 1], "path"}``.
 
     Draws from the videos and images under ``root``, one folder or several. An epoch has
     ``frames_per_video`` items per file: item ``i`` is a random frame of file ``i mod n`` (an image is its
     own only frame). ``split`` holds out files by hash (:func:`split_files`) so evaluation never sees a
-    training file. Skipping and seeding as in :class:`VideoClipDataset`.
+    training file. Skipping and seeding as in :class:`VideoClipDataset`. Decoded videos of up to ``cache_mb``
+    megabytes in all stay in memory (:class:`DecodedVideos`; 0 reads every frame from its file).
     """
 
     def __init__(
@@ -432,6 +458,7 @@ class FrameDataset(MediaDataset):
         eval_fraction: float = 0.1,
         crop: Literal["center", "random"] = "center",
         seed: int | None = 0,
+        cache_mb: float = 256,
     ):
         check_choice("crop", crop, ("center", "random"))
         roots = _as_roots(root)
@@ -440,7 +467,8 @@ class FrameDataset(MediaDataset):
         )
         super().__init__(roots, files, seed, f"FrameDataset[{split}]")
         self.size, self.crop, self.frames_per_video = size, crop, frames_per_video
-        self._lengths: dict[Path, int] = {}
+        self._infos: dict[Path, VideoInfo] = {}
+        self.decoded = DecodedVideos(cache_mb)
 
     def __len__(self) -> int:
         return len(self.files) * self.frames_per_video
@@ -449,9 +477,10 @@ class FrameDataset(MediaDataset):
         """A random frame of a video, or the image: ``uint8 [1, H, W, 3]``."""
         if path.suffix.lower() in IMAGE_EXTENSIONS:
             return read_image(path)[None]
-        if path not in self._lengths:
-            self._lengths[path] = video_info(path).num_frames
-        return read_frames(path, [int(rng.integers(0, self._lengths[path]))])
+        if path not in self._infos:
+            self._infos[path] = video_info(path)
+        info = self._infos[path]
+        return self.decoded.frame(path, int(rng.integers(0, info.num_frames)), info)
 
     def _load(self, path: Path, rng: np.random.Generator) -> dict:
         """One frame of ``path``."""

@@ -12,6 +12,7 @@ The null conditioning for classifier-free guidance is the embedding of the empty
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Optional
@@ -23,10 +24,20 @@ from pipelines.models.config import CLIP_VOCAB_SIZE, TextConfig
 
 
 def tokenize(captions: list[str], context_length: int) -> Tensor:
-    """open_clip's bundled BPE tokenizer (no download): ``[b, context_length]`` int64, 0-padded."""
+    """open_clip's bundled BPE tokenizer (no download): ``[b, context_length]`` int64, 0-padded.
+
+    Each caption is tokenized once per process and remembered: the trainable encoder embeds its batch's captions
+    at every step, and open_clip's text cleaning and BPE took 21 ms of the demo's ~500 ms step for 9 captions."""
+    ids = [_token_ids(str(caption), context_length) for caption in captions]
+    return torch.tensor(ids, dtype=torch.long).reshape(len(ids), context_length)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _token_ids(caption: str, context_length: int) -> tuple[int, ...]:
+    """One caption's token ids as open_clip's batch tokenizer writes them (it treats every caption alone)."""
     from open_clip.tokenizer import tokenize as clip_tokenize
 
-    return clip_tokenize(list(captions), context_length=context_length)
+    return tuple(clip_tokenize([caption], context_length=context_length)[0].tolist())
 
 
 class SmallTextEncoder(nn.Module):

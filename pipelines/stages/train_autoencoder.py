@@ -82,7 +82,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     out = start_run(accelerator, cfg, cfg.run, "autoencoder")
     data = cfg.data
     train_set = FrameDataset(data.roots, data.size, data.frames_per_video, "train", data.eval_fraction, data.crop,
-                             seed=cfg.run.seed)
+                             seed=cfg.run.seed, cache_mb=data.cache_mb)
     held_out, held_out_source = held_out_frames(data, cfg.eval_frames, cfg.run.seed + 1)  # checked before training
     scale_frames = fixed_frames(train_set, cfg.scale_frames)
     torch.manual_seed(cfg.run.seed)  # initial weights are a function of the seed
