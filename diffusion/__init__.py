@@ -13,7 +13,7 @@ _EXPORTS = {
     "EMA": "ema",
     "conditional_frame_noise": "noise", "frame_correlated": "noise", "noise_mixer": "noise",
     "classifier_free_guidance": "guidance", "super_resolution_guidance": "guidance",
-    "temporal_conditioning": "guidance",
+    "temporal_conditioning": "guidance", "condition_guidance": "guidance",
     "SAMPLERS": "sampling", "get_sampler": "sampling", "sample_ancestral": "sampling", "sample_ddim": "sampling",
     "sample_predictor_corrector": "sampling",
     "NoiseSchedule": "schedule", "Prediction": "schedule", "alpha_sigma": "schedule", "append_dims": "schedule",

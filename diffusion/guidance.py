@@ -5,6 +5,8 @@
   unconditional in one batched forward pass; optionally with the field's two remedies for strong guidance:
   guidance rescale (:func:`rescale_guidance`, Lin et al. 2024) and guidance limited to an interval of noise levels
   (:func:`in_interval`, Kynkäänniemi et al. 2024).
+* :func:`condition_guidance`: the same rule between any two conditionings of one network (e.g. a known-frames
+  network given the context and not given it).
 * :func:`temporal_conditioning`: sample ``x^b ~ p(x^b | x^a)`` for frames ``x^a`` known at any frame indices
   (paper §3.1), by the replacement (imputation) baseline or by reconstruction guidance
   ``x̃^b = x̂^b − (w_r α_t / 2) ∇_{z^b_t} ‖x^a − x̂^a_θ(z_t)‖²`` used inside the replacement scheme.
@@ -70,6 +72,28 @@ def classifier_free_guidance(
         if rescale > 0:
             x = rescale_guidance(x, x_cond, rescale)
         return torch.where(append_dims(active, z.ndim), x, x_cond)
+
+    return guided
+
+
+def condition_guidance(conditioned: Denoise, unconditioned: Denoise, w: float,
+                       interval: Optional[Sequence[float]] = None) -> Denoise:
+    """Classifier-free guidance on a condition other than the caption: ``x̂ = x̂_c + w (x̂_c − x̂_∅)`` between
+    ``conditioned``, the network given the condition, and ``unconditioned``, the same network without it (Ho &
+    Salimans 2021's rule; InstructPix2Pix, Brooks et al. 2023, and Stable Video Diffusion, Blattmann et al. 2023,
+    guide on their image condition so). For a network trained with known frames (``unet.known_frames``) the
+    condition is the context it is given as input, and the two halves are its conditional and unconditional
+    modes (``p_known`` of the training clips were given frames). ``interval`` as in :func:`in_interval`."""
+    if w == 0:
+        return conditioned
+
+    def guided(z: Tensor, logsnr: Tensor) -> Tensor:
+        x_c = conditioned(z, logsnr)
+        active = in_interval(torch.as_tensor(logsnr, device=z.device).expand(z.shape[0]), interval)
+        if not bool(active.any()):
+            return x_c
+        x = x_c + w * (x_c - unconditioned(z, logsnr))
+        return torch.where(append_dims(active, z.ndim), x, x_c)
 
     return guided
 

@@ -92,6 +92,23 @@ def test_a_network_trained_with_known_frames_is_given_the_context(bundle):
     assert not torch.allclose(latents[:, :, 6:], plain[:, :, 6:], atol=1e-4)
 
 
+@torch.no_grad()
+def test_context_guidance_extrapolates_each_extension_from_the_network_not_given_the_context(bundle):
+    """``context_guidance`` = w_c: an extension chunk is sampled with ``x̂ + w_c (x̂ − x̂ without the context
+    input)``; the first chunk (given nothing) is unchanged, and w_c = 0 is the plain extension."""
+    given = dataclasses.replace(bundle, denoiser=tiny_denoiser("v", known_frames=True))
+    plain, _ = autoregressive(given, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    guided, _ = autoregressive(given, PROMPTS, dataclasses.replace(_plan(14), context_guidance=2.0),
+                               torch.Generator().manual_seed(0))
+    torch.testing.assert_close(guided[:, :, :6], plain[:, :, :6])
+    assert not torch.allclose(guided[:, :, 6:], plain[:, :, 6:], atol=1e-4)
+    zero, _ = autoregressive(given, PROMPTS, dataclasses.replace(_plan(14), context_guidance=0.0),
+                             torch.Generator().manual_seed(0))
+    torch.testing.assert_close(zero, plain)
+    with pytest.raises(ValueError, match="context_guidance"):
+        GenerateConfig(context_guidance=-1.0)
+
+
 def _without_known_frames(denoiser):
     """The same network with the known-frame input channels cut off (their weights dropped)."""
     config = dataclasses.replace(denoiser.net.config, known_frames=False)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion import NoiseSchedule, classifier_free_guidance, get_sampler, super_resolution_guidance
-from diffusion.guidance import area_downsample, temporal_conditioning
+from diffusion.guidance import area_downsample, condition_guidance, temporal_conditioning
 from diffusion.oracles import conditional_kl
 from diffusion.schedule import alpha_sigma, eps_from_x0
 from tests.models import tiny_denoiser
@@ -133,3 +133,18 @@ def test_batched_guidance_gives_both_halves_the_per_sample_network_inputs():
     separate = classifier_free_guidance(model, cond, null, w=2.0, batched=False, **given)(z, logsnr)
     torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(batched, classifier_free_guidance(model, cond, null, w=2.0)(z, logsnr), atol=1e-4)
+
+
+def test_condition_guidance_extrapolates_from_the_unconditioned_denoiser_inside_its_interval():
+    z, logsnr = torch.randn(3, 2, 4, 2, 2), torch.tensor([-10.0, 0.0, 5.0])
+    given = lambda z, logsnr: z + 1.0  # noqa: E731  (the network given the condition, and not given it)
+    not_given = lambda z, logsnr: z - 2.0  # noqa: E731
+    assert condition_guidance(given, not_given, 0.0) is given
+    torch.testing.assert_close(condition_guidance(given, not_given, 2.0)(z, logsnr), z + 1.0 + 2.0 * 3.0)
+    gated = condition_guidance(given, not_given, 2.0, interval=(-20.0, -4.0))(z, logsnr)
+    torch.testing.assert_close(gated[0], z[0] + 7.0)
+    torch.testing.assert_close(gated[1:], z[1:] + 1.0)  # outside the interval: the conditioned denoiser alone
+    calls = []
+    outside = condition_guidance(given, lambda z, logsnr: calls.append(1) or z, 1.0, interval=(-20.0, -4.0))
+    outside(z, torch.tensor(1.0))
+    assert calls == []  # the unconditioned half is not evaluated where it is not used

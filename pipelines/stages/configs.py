@@ -114,6 +114,8 @@ class GenerateConfig:
     anchor_frames: int = 0  # m: frames of the first chunk (spread over it) every later chunk is also conditioned on
     known_input: bool = True  # a model trained with unet.known_frames is also given the context as input
     # (false: reconstruction guidance or replacement alone)
+    context_guidance: float = 0.0  # w_c: guidance on that input, x̂ + w_c (x̂ − x̂ not given the context)
+    context_guidance_interval: Optional[list[float]] = None  # [λ_lo, λ_hi]: w_c only there (null: everywhere)
     mode: Literal["autoregressive", "hierarchical"] = "autoregressive"
     frame_skip: int = 4  # hierarchical: keyframes this many frames apart
     keyframe_model: Optional[str] = None  # hierarchical: a model trained at that frame skip (default: model)
@@ -141,6 +143,10 @@ class GenerateConfig:
         if self.chunk_frames is not None and self.context_frames + self.anchor_frames >= self.chunk_frames:
             raise ValueError(f"context_frames plus anchor_frames must be below chunk_frames = {self.chunk_frames}, "
                              f"got {self.context_frames} + {self.anchor_frames}")
+        if self.context_guidance < 0:
+            raise ValueError(f"context_guidance must be at least 0, got {self.context_guidance}")
+        if self.context_guidance_interval is not None and len(self.context_guidance_interval) != 2:
+            raise ValueError(f"context_guidance_interval must be [lo, hi], got {self.context_guidance_interval}")
         if self.w_r < 0 or self.fps <= 0:
             raise ValueError(f"w_r must be at least 0 and fps positive, got {self.w_r}, {self.fps}")
 

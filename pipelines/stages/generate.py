@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from autoencoder import decode_video, load_autoencoder
-from diffusion import temporal_conditioning
+from diffusion import condition_guidance, temporal_conditioning
 from pipelines.core.config import UserError, config_to_dict, save_resolved_config
 from pipelines.core.devices import resolve_device
 from pipelines.core.files import atomic_write_json
@@ -46,6 +46,8 @@ class Plan:
     sampling: SamplingConfig
     known_input: bool = True  # give a network trained with known frames the context as input
     anchor: int = 0  # m: frames of the first chunk every later chunk is also conditioned on
+    context_guidance: float = 0.0  # w_c on the context given as input (known-frames networks)
+    context_guidance_interval: Optional[Sequence[float]] = None
 
     @property
     def known(self) -> int:
@@ -88,6 +90,8 @@ def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, gene
     while produced < plan.total:
         context = _noisy(torch.cat([anchor, tail], dim=2), plan.context_noise, generator)
         given = later(context, range(plan.known), plan.chunk) if plan.known_input else later()
+        if plan.known_input and plan.context_guidance:
+            given = condition_guidance(given, later(), plan.context_guidance, plan.context_guidance_interval)
         denoise = temporal_conditioning(given, context, range(plan.known), plan.method, plan.w_r, generator,
                                         bundle.model.noise_correlation)
         new = sample(bundle, denoise, shape, plan.sampling, generator)[:, :, plan.known :]
@@ -177,7 +181,8 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out, "generate.yaml")
     plan = Plan(cfg.num_frames, cfg.chunk_frames or bundle.latent_shape[1], cfg.context_frames, cfg.method,
-                cfg.w_r, cfg.context_noise, cfg.sampling, cfg.known_input, cfg.anchor_frames)
+                cfg.w_r, cfg.context_noise, cfg.sampling, cfg.known_input, cfg.anchor_frames, cfg.context_guidance,
+                cfg.context_guidance_interval)
     columns = min(cfg.num_frames, 16)
     sheet_frames = torch.linspace(0, cfg.num_frames - 1, columns).round().long().tolist()
     writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames)
