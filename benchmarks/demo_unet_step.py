@@ -27,22 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def child(root: str, steps: int, threads: int, processes: int) -> None:
     """Time ``steps`` training steps of the demo U-Net as ``root`` builds it; print the median as JSON."""
     sys.path.insert(0, root)
-    import dataclasses  # noqa: PLC0415
-
     import torch  # noqa: PLC0415
 
     from diffusion import UNet3D  # noqa: PLC0415
     from pipelines.core.config import load_config  # noqa: PLC0415
     from pipelines.demo.config import DemoConfig  # noqa: PLC0415
+    from pipelines.models.diffusion import build_unet_config  # noqa: PLC0415
+    from pipelines.models.text import build_text_encoder, conditioning_dims  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = load_config(DemoConfig, str(Path(root) / "configs" / "demo" / "default.yaml"), [])
-    if cfg.diffusion.text.kind != "small":
-        raise SystemExit("this benchmark builds the demo's own text widths (text.kind=small)")
-    width, channels = cfg.diffusion.text.width, cfg.autoencoder.model.z_channels
-    net = UNet3D(dataclasses.replace(cfg.diffusion.model.unet, in_channels=channels, out_channels=channels,
-                                     cond_dim=width, context_dim=width if cfg.diffusion.text.use_tokens else 0))
+    text, channels = build_text_encoder(cfg.diffusion.text), cfg.autoencoder.model.z_channels
+    net = UNet3D(build_unet_config(cfg.diffusion.model, cfg.diffusion.text, text, channels))
+    width, token_width = conditioning_dims(text, cfg.diffusion.text.use_tokens)
     with torch.no_grad():
         for p in net.parameters():
             if p.abs().sum() == 0:
@@ -51,8 +49,9 @@ def child(root: str, steps: int, threads: int, processes: int) -> None:
     b, f = cfg.diffusion.run.batch_size // processes, cfg.diffusion.data.num_frames
     size = cfg.world.spec.size // 2 ** (len(cfg.autoencoder.model.channel_mult) - 1)
     z = torch.randn(b, channels, f, size, size)
-    tokens = torch.randn(b, cfg.diffusion.text.context_length, width)
-    inputs = {"logsnr": torch.randn(b), "cond": torch.randn(b, width), "context": tokens}
+    inputs = {"logsnr": torch.randn(b), "cond": torch.randn(b, width)}
+    if token_width:
+        inputs["context"] = torch.randn(b, text.context_length, token_width)
     if net.config.known_frames:
         inputs |= {"known": torch.randn_like(z), "known_mask": torch.rand(b, f) < 0.25}
 
