@@ -64,7 +64,7 @@ def classifier_free_guidance(
         return conditional(z, logsnr), model(z, logsnr, **null, **net_kwargs)
 
     def guided(z: Tensor, logsnr: Tensor) -> Tensor:
-        active = in_interval(torch.as_tensor(logsnr, device=z.device).expand(z.shape[0]), interval)
+        active = _active(z, logsnr, interval)
         if not bool(active.any()):
             return conditional(z, logsnr)  # outside the interval: one forward pass
         x_cond, x_uncond = pair(z, logsnr)
@@ -89,7 +89,7 @@ def condition_guidance(conditioned: Denoise, unconditioned: Denoise, w: float,
 
     def guided(z: Tensor, logsnr: Tensor) -> Tensor:
         x_c = conditioned(z, logsnr)
-        active = in_interval(torch.as_tensor(logsnr, device=z.device).expand(z.shape[0]), interval)
+        active = _active(z, logsnr, interval)
         if not bool(active.any()):
             return x_c
         x = x_c + w * (x_c - unconditioned(z, logsnr))
@@ -111,6 +111,11 @@ def rescale_guidance(x_guided: Tensor, x_cond: Tensor, phi: float) -> Tensor:
     dims = tuple(range(1, x_guided.ndim))
     ratio = x_cond.std(dim=dims, keepdim=True) / x_guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
     return phi * (x_guided * ratio) + (1 - phi) * x_guided
+
+
+def _active(z: Tensor, logsnr: Tensor | float, interval: Optional[Sequence[float]]) -> Tensor:
+    """``[b]`` booleans: which samples of ``z`` are guided at ``logsnr`` (a scalar or ``[b]``)."""
+    return in_interval(torch.as_tensor(logsnr, device=z.device).expand(z.shape[0]), interval)
 
 
 def in_interval(logsnr: Tensor, interval: Optional[Sequence[float]]) -> Tensor:
