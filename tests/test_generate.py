@@ -3,11 +3,13 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from diffusion import NoiseSchedule, classifier_free_guidance, known_inputs
 from pipelines.core.config import UserError, load_config
+from pipelines.demo.grading import generated_frames
 from pipelines.media.video_io import read_frames
 from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
 from pipelines.models.diffusion import DiffusionBundle
@@ -171,13 +173,20 @@ def test_hierarchical_keeps_the_keyframes_and_fills_the_rest(bundle):
 def test_generate_writes_videos_of_the_asked_length(chain, tmp_path):
     overrides = [f"model={chain['diffusion']}", "prompts=[a red circle moving left,a green square moving up]",
                  "num_frames=14", "context_frames=2", "sampling.steps=2", f"out_dir={tmp_path}", "gif=true",
-                 "decode_chunk_frames=4"]
+                 "decode_chunk_frames=4", "raw_frames=true"]
     summary = generate(load_config(GenerateConfig, None, overrides), log=lambda *a: None)
     assert len(summary["samples"]) == 2 and summary["boundaries"] == [6, 10]
     for sample in summary["samples"]:
         frames = read_frames(tmp_path / sample["file"])
         assert frames.shape == (14, 32, 32, 3)
         assert (tmp_path / sample["file"]).with_suffix(".gif").is_file()
+        raw = np.load(tmp_path / sample["frames"])  # the decoded frames themselves, streamed beside the video
+        assert raw.shape == frames.shape and raw.dtype == np.uint8 and sample["frames"].endswith(".npy")
+        # the same video before the codec (a random model's frames are noise, which H.264 smooths away; their
+        # mean colours survive it)
+        assert np.abs(raw.mean((1, 2)) - frames.mean((1, 2))).max() < 3
+        np.testing.assert_array_equal(generated_frames(sample, tmp_path), raw)  # what the demo grades
+        np.testing.assert_array_equal(generated_frames({"file": sample["file"]}, tmp_path), frames)
     assert (tmp_path / "contact_sheet_reconstruction.png").is_file()
     assert json.loads((tmp_path / "generation_reconstruction.json").read_text())["chunks"] == 3
 

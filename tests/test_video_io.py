@@ -8,6 +8,7 @@ import torch
 
 from pipelines.media import video_io
 from pipelines.media.video_io import (
+    FramesWriter,
     VideoInfo,
     VideoReadError,
     VideoWriter,
@@ -202,6 +203,26 @@ def test_write_rejects_bad_frames(tmp_path):
         write_video(tmp_path / "x.mp4", np.zeros((4, 16, 16, 3), np.float32))
     with pytest.raises(ValueError, match=r"\[3, f, H, W\]"):
         write_video(tmp_path / "x.mp4", torch.zeros(4, 16, 16, 3))
+
+
+def test_frames_writer_streams_the_exact_frames_or_nothing(tmp_path):
+    frames = _smooth_frames(10, 17, 24).astype(np.uint8)
+    video = torch.from_numpy(frames[4:]).permute(3, 0, 1, 2).float() / 127.5 - 1  # a float chunk [3, f, H, W]
+    with FramesWriter(tmp_path / "clip.npy", 10) as writer:
+        writer.write(frames[:4])
+        writer.write(video)
+        with pytest.raises(ValueError, match="do not fit"):
+            writer.write(frames[:1])  # one frame more than declared
+    np.testing.assert_array_equal(np.load(tmp_path / "clip.npy"), frames)  # lossless, odd sizes kept
+    with pytest.raises(ValueError, match="do not fit"), FramesWriter(tmp_path / "wrong_size.npy", 4) as writer:
+        writer.write(frames[:2])
+        writer.write(frames[:2, :8])
+    with pytest.raises(ValueError, match="3 frames written, 4 declared"), FramesWriter(tmp_path / "short.npy", 4) as w:
+        w.write(frames[:3])
+    with pytest.raises(KeyboardInterrupt), FramesWriter(tmp_path / "interrupted.npy", 4) as writer:
+        writer.write(frames[:4])
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.npy"]  # no temporary, no partial file left behind
 
 
 def test_gif_round_trip(tmp_path):

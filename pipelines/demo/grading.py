@@ -20,9 +20,16 @@ def rounded(value, digits: int = 4):
     return None if value is None or not np.isfinite(value) else round(float(value), digits)
 
 
+def generated_frames(sample: dict, videos: Path) -> np.ndarray:
+    """``uint8 [f, H, W, 3]`` of one generated video: its lossless frames when generation wrote them
+    (``generate.raw_frames``), else its video file. The report grades the former: H.264 rounds a frame by the
+    frames after it, so identical latents graded differently in two runs whose later chunks differed."""
+    return np.load(videos / sample["frames"]) if "frames" in sample else read_frames(videos / sample["file"])
+
+
 def grade(result: dict, videos: Path) -> list[dict]:
     """The analysis of every video of one :func:`pipelines.stages.generate.generate` result."""
-    return [analyse_video(read_frames(videos / s["file"]), s["prompt"], result["boundaries"]) | {
+    return [analyse_video(generated_frames(s, videos), s["prompt"], result["boundaries"]) | {
         "prompt": s["prompt"], "file": s["file"]} for s in result["samples"]]
 
 

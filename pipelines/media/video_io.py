@@ -354,6 +354,46 @@ class VideoWriter:
             Path(self._tmp).unlink(missing_ok=True)  # gone already after a successful rename
 
 
+class FramesWriter:
+    """Stream ``num_frames`` frames losslessly into a ``.npy`` file (``uint8 [f, H, W, 3]``, read back with
+    ``np.load``), written atomically like :class:`VideoWriter`: for measuring what a model made, without the
+    video codec's rounding (H.264 compresses a frame differently when the frames after it differ)."""
+
+    def __init__(self, path: str | os.PathLike, num_frames: int):
+        self.path, self.total, self.num_frames = Path(path), num_frames, 0
+        self._array: np.memmap | None = None
+
+    def __enter__(self) -> FramesWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        os.close(fd)
+        return self
+
+    def write(self, frames: np.ndarray | torch.Tensor) -> None:
+        """Append frames ``uint8 [n, H, W, 3]`` or a video ``[3, n, H, W]`` in [-1, 1] (size as before)."""
+        frames = as_uint8_frames(frames)
+        if self._array is None:
+            self._array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.uint8,
+                                                    shape=(self.total, *frames.shape[1:]))
+        if frames.shape[1:] != self._array.shape[1:] or self.num_frames + len(frames) > self.total:
+            raise ValueError(f"{self.path}: frames {frames.shape} do not fit the remaining "
+                             f"{self.total - self.num_frames} of {self._array.shape}")
+        self._array[self.num_frames : self.num_frames + len(frames)] = frames
+        self.num_frames += len(frames)
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is None:
+                if self.num_frames != self.total:
+                    raise ValueError(f"{self.path}: {self.num_frames} frames written, {self.total} declared")
+                self._array.flush()
+                self._array = None  # closes the map before the rename
+                os.replace(self._tmp, self.path)
+        finally:
+            self._array = None
+            Path(self._tmp).unlink(missing_ok=True)
+
+
 def write_video(
     path: str | os.PathLike,
     frames: np.ndarray | torch.Tensor,

@@ -127,6 +127,8 @@ class GenerateConfig:
     name: str = ""  # file-name suffix, default: the method (and the mode when hierarchical)
     fps: float = 8.0
     gif: bool = False  # also write a .gif beside each .mp4
+    raw_frames: bool = False  # also write each video's decoded frames losslessly, uint8 [f, H, W, 3] as .npy
+    # beside the .mp4 (for measuring: the video codec rounds a frame by the frames around it)
     use_ema: bool = True  # sample with the EMA weights
     device: Device = "auto"
 

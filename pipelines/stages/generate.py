@@ -14,6 +14,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -141,23 +142,28 @@ def slug(text: str, limit: int = 40) -> str:
 
 class _Writer:
     """Decode latents in chunks and write each video as it comes (memory flat in the length), keeping only the
-    frames a contact sheet shows."""
+    frames a contact sheet shows; with ``raw_frames`` also the decoded frames, losslessly, as ``.npy``."""
 
-    def __init__(self, vae, decode_chunk: int, fps: float, sheet_frames: list[int]):
+    def __init__(self, vae, decode_chunk: int, fps: float, sheet_frames: list[int], raw_frames: bool = False):
         self.vae, self.decode_chunk, self.fps, self.sheet_frames = vae, decode_chunk, fps, sheet_frames
+        self.raw_frames = raw_frames
 
     @torch.no_grad()
     def write(self, latents: Tensor, path: Path, gif: bool) -> Tensor:
-        """Write one video ``latents [c, f, h, w]``; returns its contact-sheet frames ``[3, n, H, W]``."""
-        from pipelines.media.video_io import VideoWriter, write_gif
+        """Write one video ``latents [c, f, h, w]`` to ``path`` (and ``path.with_suffix(".npy")`` with
+        ``raw_frames``); returns its contact-sheet frames ``[3, n, H, W]``."""
+        from pipelines.media.video_io import FramesWriter, VideoWriter, write_gif
 
         device = next(self.vae.parameters()).device
         shown, gif_frames = [], []
-        with VideoWriter(path, fps=self.fps) as writer:
+        raw = FramesWriter(path.with_suffix(".npy"), latents.shape[1]) if self.raw_frames else nullcontext()
+        with VideoWriter(path, fps=self.fps) as writer, raw as lossless:
             for start in range(0, latents.shape[1], self.decode_chunk):
                 piece = latents[None, :, start : start + self.decode_chunk].to(device)
                 video = decode_video(self.vae, piece, self.decode_chunk)[0].clamp(-1, 1).cpu()  # [3, n, H, W]
                 writer.write(video)
+                if lossless is not None:
+                    lossless.write(video)
                 keep = [i - start for i in self.sheet_frames if start <= i < start + video.shape[1]]
                 shown.append(video[:, keep])
                 if gif:
@@ -185,7 +191,7 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
                 cfg.context_guidance_interval)
     columns = min(cfg.num_frames, 16)
     sheet_frames = torch.linspace(0, cfg.num_frames - 1, columns).round().long().tolist()
-    writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames)
+    writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames, cfg.raw_frames)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     samples, sheets, boundaries, start = [], [], [], time.perf_counter()
     name = cfg.name or (cfg.method if cfg.mode == "autoregressive" else f"{cfg.method}_{cfg.mode}")
@@ -202,7 +208,8 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
             index = b * cfg.batch_size + i
             path = out / f"{index:03d}_{slug(prompt)}_{name}.mp4"
             sheets.append(writer.write(latents[i], path, cfg.gif))
-            samples.append({"file": path.name, "prompt": prompt, "method": cfg.method, "index": index})
+            samples.append({"file": path.name, "prompt": prompt, "method": cfg.method, "index": index}
+                           | ({"frames": path.with_suffix(".npy").name} if cfg.raw_frames else {}))
     bar.close()
     seconds = time.perf_counter() - start
     sheet = tile(to_uint8(torch.cat([s.movedim(1, 0) for s in sheets])), columns=columns)
