@@ -40,6 +40,13 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "w_r_2": {"w_r": 2.0},
     "w_r_4": {"w_r": 4.0},
     "w_r_8": {"w_r": 8.0},
+    # a scheduled w_r: the reconstruction gradient only at low noise (λ ≥ -4: the last of the demo's shifted
+    # DDIM steps, where the joins are drawn) or only at high noise; replacement steps elsewhere
+    "w_r_1_low_noise": {"w_r_interval": [-4.0, 20.0]},
+    "w_r_2_low_noise": {"w_r": 2.0, "w_r_interval": [-4.0, 20.0]},
+    "w_r_4_low_noise": {"w_r": 4.0, "w_r_interval": [-4.0, 20.0]},
+    "w_r_8_low_noise": {"w_r": 8.0, "w_r_interval": [-4.0, 20.0]},
+    "w_r_4_high_noise": {"w_r": 4.0, "w_r_interval": [-20.0, -4.0]},
     "pc_corrector": {"sampling": {"sampler": "pc", "corrector_steps": 1}},
     "replacement": {"method": "replacement"},
     "no_cfg": {"sampling": {"guidance": 0.0}},  # the demo guides at w = 1 (in its interval): without guidance

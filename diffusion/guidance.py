@@ -147,6 +147,7 @@ def temporal_conditioning(
     w_r: float = 1.0,
     generator: Optional[torch.Generator] = None,
     noise_correlation: float = 0.0,
+    interval: Optional[Sequence[float]] = None,
 ) -> Denoise:
     """Condition on frames ``x^a`` (``x_known [b, c, k, h, w]``) at ``frame_index`` (k indices along f).
 
@@ -158,6 +159,10 @@ def temporal_conditioning(
     For a model trained with frame-correlated noise (``noise_correlation`` ρ > 0, :mod:`diffusion.noise`) ε is
     drawn from p(ε^a | ε̂^b), given the unknown frames' noise ``ε̂^b = (z^b − α x̂^b) / σ`` under the previous
     call's estimate x̂^b (none yet: ``z^b / σ``); for DDIM that is exactly the noise the sampler carries.
+
+    ``interval = (λ_lo, λ_hi)`` applies the reconstruction gradient only at noise levels inside it (a scheduled
+    ``w_r``, as guidance intervals schedule ``w``); elsewhere the step is the replacement scheme's, which needs no
+    backward pass through the network.
     """
     if method not in CONDITION_METHODS:
         raise ValueError(f"conditioning method must be one of {CONDITION_METHODS}, got {method!r}")
@@ -180,11 +185,13 @@ def temporal_conditioning(
         noise = known_noise(z, alpha, sigma)
         z = z.clone()
         z[:, :, index] = alpha * x_known + sigma * noise  # z^a_t ~ q(z^a_t | x^a)
-        if method == "replacement":
+        guided = _active(z, logsnr, interval) if method == "reconstruction" and w_r else None
+        if guided is None or not guided.any():
             x0 = denoise(z, logsnr)
         else:
             x0, grad = _gradient_of(denoise, z, logsnr, lambda x: (x_known - x[:, :, index]).pow(2).flatten(1).sum(1))
-            x0 = x0 - (w_r * alpha / 2) * grad  # only the unknown frames' part is kept below
+            weight = append_dims(w_r * guided.to(z.dtype), z.ndim)
+            x0 = x0 - (weight * alpha / 2) * grad  # only the unknown frames' part is kept below
         x0 = x0.clone()
         x0[:, :, index] = x_known
         if noise_correlation:  # the next call's estimate of the sampled frames' noise

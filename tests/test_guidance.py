@@ -7,6 +7,7 @@ from diffusion import NoiseSchedule, classifier_free_guidance, get_sampler, supe
 from diffusion.guidance import area_downsample, condition_guidance, temporal_conditioning
 from diffusion.oracles import conditional_kl
 from diffusion.schedule import alpha_sigma, eps_from_x0
+from pipelines.stages.configs import GenerateConfig
 from tests.models import tiny_denoiser
 
 
@@ -148,3 +149,34 @@ def test_condition_guidance_extrapolates_from_the_unconditioned_denoiser_inside_
     outside = condition_guidance(given, lambda z, logsnr: calls.append(1) or z, 1.0, interval=(-20.0, -4.0))
     outside(z, torch.tensor(1.0))
     assert calls == []  # the unconditioned half is not evaluated where it is not used
+
+
+def test_reconstruction_guidance_interval_corrects_only_inside_it_and_skips_the_backward_outside(model):
+    """``temporal_conditioning(interval=...)``: inside the interval each sample gets the full reconstruction
+    correction, outside it the replacement step, computed without a gradient through the network."""
+    torch.manual_seed(3)
+    z, logsnr = torch.randn(3, 4, 5, 8, 8), torch.tensor([-8.0, -2.0, 3.0])
+    x_known, index = torch.randn(3, 4, 2, 8, 8), [0, 1]
+    cond = {"cond": torch.randn(3, 12), "context": torch.randn(3, 5, 6)}
+    grad_enabled = []
+
+    def denoise(z, logsnr):
+        grad_enabled.append(torch.is_grad_enabled())
+        return model(z, logsnr, **cond)
+
+    def run(method, interval=None, at=logsnr):
+        return temporal_conditioning(denoise, x_known, index, method, 3.0, torch.Generator().manual_seed(7),
+                                     interval=interval)(z, at)
+
+    with torch.no_grad():
+        full, plain = run("reconstruction"), run("replacement")
+        gated = run("reconstruction", (-4.0, 20.0))
+        assert (full[:, :, 2:] - plain[:, :, 2:]).abs().amax() > 1e-3  # the correction is not negligible here
+        torch.testing.assert_close(gated[0], plain[0])  # λ = -8: outside, the replacement step
+        torch.testing.assert_close(gated[1:], full[1:])  # inside: the whole reconstruction-guided estimate
+        grad_enabled.clear()
+        torch.testing.assert_close(run("reconstruction", (-4.0, 20.0), torch.tensor(-8.0)), run("replacement",
+                                   at=torch.tensor(-8.0)))
+    assert grad_enabled == [False, False]  # no sample inside: no backward pass at all
+    with pytest.raises(ValueError, match="w_r_interval"):
+        GenerateConfig(w_r_interval=[2.0, -2.0])

@@ -110,6 +110,8 @@ class GenerateConfig:
     context_frames: int = 4  # k: frames each new chunk is conditioned on
     method: Literal["reconstruction", "replacement"] = "reconstruction"  # paper §3.1: guidance, or imputation
     w_r: float = 2.0  # reconstruction guidance weight (paper: > 1 helps)
+    w_r_interval: Optional[list[float]] = None  # [λ_lo, λ_hi]: the reconstruction gradient only at those noise
+    # levels, replacement elsewhere (no backward pass there; null: everywhere)
     context_noise: float = 0.0  # σ of the noise put on the latent context (0: exact context)
     anchor_frames: int = 0  # m: frames of the first chunk (spread over it) every later chunk is also conditioned on
     known_input: bool = True  # a model trained with unet.known_frames is also given the context as input
@@ -149,6 +151,9 @@ class GenerateConfig:
             raise ValueError(f"context_guidance must be at least 0, got {self.context_guidance}")
         if self.context_guidance_interval is not None and len(self.context_guidance_interval) != 2:
             raise ValueError(f"context_guidance_interval must be [lo, hi], got {self.context_guidance_interval}")
+        interval = self.w_r_interval
+        if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
+            raise ValueError(f"w_r_interval must be [lo, hi] with lo <= hi, got {self.w_r_interval}")
         if self.w_r < 0 or self.fps <= 0:
             raise ValueError(f"w_r must be at least 0 and fps positive, got {self.w_r}, {self.fps}")
 

@@ -49,6 +49,7 @@ class Plan:
     anchor: int = 0  # m: frames of the first chunk every later chunk is also conditioned on
     context_guidance: float = 0.0  # w_c on the context given as input (known-frames networks)
     context_guidance_interval: Optional[Sequence[float]] = None
+    w_r_interval: Optional[Sequence[float]] = None  # [λ_lo, λ_hi]: reconstruction guidance only there
 
     @property
     def known(self) -> int:
@@ -94,7 +95,7 @@ def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, gene
         if plan.known_input and plan.context_guidance:
             given = condition_guidance(given, later(), plan.context_guidance, plan.context_guidance_interval)
         denoise = temporal_conditioning(given, context, range(plan.known), plan.method, plan.w_r, generator,
-                                        bundle.model.noise_correlation)
+                                        bundle.model.noise_correlation, plan.w_r_interval)
         new = sample(bundle, denoise, shape, plan.sampling, generator)[:, :, plan.known :]
         boundaries.append(produced)
         pieces.append(new.cpu())
@@ -125,7 +126,7 @@ def hierarchical(keyframe_bundle: DiffusionBundle, bundle: DiffusionBundle, prom
         index = [i for i, f in enumerate(window.tolist()) if known[f]]
         x_known = video[:, :, window[index]].to(generator.device)
         denoise = temporal_conditioning(base, x_known, index, plan.method, plan.w_r, generator,
-                                        bundle.model.noise_correlation)
+                                        bundle.model.noise_correlation, plan.w_r_interval)
         out = sample(bundle, denoise, (b, c, len(window), h, w), plan.sampling, generator).cpu()
         fresh = ~known[window]
         video[:, :, window[fresh]] = out[:, :, fresh]
@@ -188,7 +189,7 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     save_resolved_config(cfg, out, "generate.yaml")
     plan = Plan(cfg.num_frames, cfg.chunk_frames or bundle.latent_shape[1], cfg.context_frames, cfg.method,
                 cfg.w_r, cfg.context_noise, cfg.sampling, cfg.known_input, cfg.anchor_frames, cfg.context_guidance,
-                cfg.context_guidance_interval)
+                cfg.context_guidance_interval, cfg.w_r_interval)
     columns = min(cfg.num_frames, 16)
     sheet_frames = torch.linspace(0, cfg.num_frames - 1, columns).round().long().tolist()
     writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames, cfg.raw_frames)
