@@ -62,6 +62,8 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "context_guidance_1": {"context_guidance": 1.0},
     "context_guidance_3": {"context_guidance": 3.0},
     "context_guidance_1_high_noise": {"context_guidance": 1.0, "context_guidance_interval": [-20.0, -4.0]},
+    "context_guidance_2_high_noise": {"context_guidance": 2.0, "context_guidance_interval": [-20.0, -4.0]},
+    "context_guidance_0.5_high_noise": {"context_guidance": 0.5, "context_guidance_interval": [-20.0, -4.0]},
 }
 
 
