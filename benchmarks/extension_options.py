@@ -59,6 +59,7 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "anchor_1_context_4": {"anchor_frames": 1, "context_frames": 4},
     "anchor_2_context_4": {"anchor_frames": 2, "context_frames": 4},
     # guidance on the context given as input (known-frames models): x̂ + w_c (x̂ − x̂ not given it)
+    "no_context_guidance": {"context_guidance": 0.0},  # the demo guides on the context (w_c = 1 at high noise)
     "context_guidance_1": {"context_guidance": 1.0},
     "context_guidance_3": {"context_guidance": 3.0},
     "context_guidance_1_high_noise": {"context_guidance": 1.0, "context_guidance_interval": [-20.0, -4.0]},
