@@ -50,8 +50,9 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "pc_corrector": {"sampling": {"sampler": "pc", "corrector_steps": 1}},
     "replacement": {"method": "replacement"},
     "no_cfg": {"sampling": {"guidance": 0.0}},  # the demo guides at w = 1 (in its interval): without guidance
-    "cfg_2": {"sampling": {"guidance": 2.0}},  # stronger guidance (same interval): extension chunks that drift
-    "cfg_3": {"sampling": {"guidance": 3.0}},  # drift towards the unconditional model's red circle
+    # stronger guidance (same interval), against chunks that drift towards the unconditional model's red circle
+    "cfg_2": {"sampling": {"guidance": 2.0}},
+    "cfg_3": {"sampling": {"guidance": 3.0}},
     "ancestral": {"sampling": {"sampler": "ancestral"}},
     "guidance_only": {"known_input": False},  # unet.known_frames models: the context reaches them by guidance alone
     # the demo conditions on the first chunk's middle frame (anchor_frames 1) and the last 3 frames:
