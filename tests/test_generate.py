@@ -185,6 +185,8 @@ def test_generate_writes_videos_of_the_asked_length(chain, tmp_path):
         # the same video before the codec (a random model's frames are noise, which H.264 smooths away; their
         # mean colours survive it)
         assert np.abs(raw.mean((1, 2)) - frames.mean((1, 2))).max() < 3
+        error = np.abs(raw.astype(int) - frames)
+        assert error.mean() < np.abs(raw.astype(int) - np.roll(frames, 1, axis=0)).mean()  # frame by frame
         np.testing.assert_array_equal(generated_frames(sample, tmp_path), raw)  # what the demo grades
         np.testing.assert_array_equal(generated_frames({"file": sample["file"]}, tmp_path), frames)
     assert (tmp_path / "contact_sheet_reconstruction.png").is_file()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,17 @@ def fsync_directory(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Have ``write(tmp)`` fill a temporary file beside ``path``, fsync it, rename it to ``path`` and fsync the
-    folder; on any failure the temporary file is removed and ``path`` is untouched."""
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """``with atomic_path(path) as tmp:`` fill the temporary file ``tmp`` beside ``path`` (over as many calls as
+    needed); when the block ends without error it is fsynced, renamed to ``path`` and the folder fsynced; on any
+    error it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         with open(tmp, "rb+") as handle:  # on disk before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -44,6 +47,12 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Have ``write(tmp)`` fill a temporary file beside ``path``, then rename it there (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

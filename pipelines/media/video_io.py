@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.core.files import atomic_write_bytes
+from pipelines.core.files import atomic_path, atomic_write_bytes
 from pipelines.core.visual import video_to_uint8
 
 Backend = Literal["auto", "decord", "pyav"]
@@ -356,17 +356,16 @@ class VideoWriter:
 
 class FramesWriter:
     """Stream ``num_frames`` frames losslessly into a ``.npy`` file (``uint8 [f, H, W, 3]``, read back with
-    ``np.load``), written atomically like :class:`VideoWriter`: for measuring what a model made, without the
-    video codec's rounding (H.264 compresses a frame differently when the frames after it differ)."""
+    ``np.load``), written atomically (:func:`pipelines.core.files.atomic_path`): for measuring what a model made,
+    without the video codec's rounding (H.264 compresses a frame differently when the frames after it differ)."""
 
     def __init__(self, path: str | os.PathLike, num_frames: int):
         self.path, self.total, self.num_frames = Path(path), num_frames, 0
         self._array: np.memmap | None = None
 
     def __enter__(self) -> FramesWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
+        self._target = atomic_path(self.path)
+        self._tmp = self._target.__enter__()
         return self
 
     def write(self, frames: np.ndarray | torch.Tensor) -> None:
@@ -383,15 +382,16 @@ class FramesWriter:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         try:
-            if exc_type is None:
-                if self.num_frames != self.total:
-                    raise ValueError(f"{self.path}: {self.num_frames} frames written, {self.total} declared")
+            if exc_type is None and self.num_frames != self.total:
+                raise ValueError(f"{self.path}: {self.num_frames} frames written, {self.total} declared")
+            if self._array is not None:
                 self._array.flush()
-                self._array = None  # closes the map before the rename
-                os.replace(self._tmp, self.path)
+        except BaseException as error:  # the temporary file goes too
+            exc_type, exc, traceback = type(error), error, error.__traceback__
+            raise
         finally:
-            self._array = None
-            Path(self._tmp).unlink(missing_ok=True)
+            self._array = None  # closes the map before the rename
+            self._target.__exit__(exc_type, exc, traceback)
 
 
 def write_video(
