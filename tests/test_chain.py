@@ -168,11 +168,15 @@ def test_evaluating_an_autoencoder_on_held_out_frames(chain, tmp_path):
 def test_only_clips_cropped_from_a_videos_first_frame_are_told_they_start_it():
     """Frame positions mean "frame k of the video": a window cropped later never gets them, and a share
     ``p_unknown_start`` of the others trains the position-free mode that extension chunks are sampled in."""
-    from pipelines.stages.train_diffusion import SampleDraws, crop_and_append, video_start
+    from pipelines.models.config import DiffusionModelConfig
+    from pipelines.stages.train_diffusion import SampleDraws, crop_and_append, draw_windows, video_start
 
     draws = SampleDraws(0, torch.arange(400), 400, torch.device("cpu"))
-    clips, first = crop_and_append(torch.randn(400, 4, 6, 8, 8), 4, 0, draws)
+    windows = draw_windows(draws, 6, 4, DiffusionModelConfig())
+    clips = crop_and_append(torch.randn(400, 4, 6, 8, 8), windows, 4, 0, draws)
+    first = windows.first
     assert clips.shape == (400, 4, 4, 8, 8) and set(first.tolist()) == {0, 1, 2}
+    assert windows.known is None and (windows.anchor == -1).all()
     source_start = first + 3 * (torch.arange(400) % 2)  # odd clips were cut 3 frames into their video
     for p, expected in [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]:
         start = video_start({"source_start": source_start}, draws, p)
@@ -201,16 +205,16 @@ def test_known_first_frames_are_drawn_per_clip_and_left_out_of_the_loss():
     """``unet.known_frames``: a share ``p_known`` of the clips is given its first 1..max_known frames (never an
     appended image, never the whole window), and the loss averages over the frames not given."""
     from diffusion import Denoiser, NoiseSchedule, diffusion_loss
-    from pipelines.stages.train_diffusion import SampleDraws, known_first_frames
+    from pipelines.stages.train_diffusion import SampleDraws, known_counts, known_first_frames
 
     draws = SampleDraws(0, torch.arange(600), 600, torch.device("cpu"))
-    mask = known_first_frames(draws, 6, 2, p_known=0.5, max_known=8)
+    mask = known_first_frames(known_counts(draws, 6, p_known=0.5, max_known=8), 6, 2)
     counts = mask.sum(1)
     assert mask.shape == (600, 8) and not mask[:, 6:].any()
     assert torch.equal(mask, torch.arange(8)[None] < counts[:, None])  # always the first frames
     assert abs((counts > 0).float().mean().item() - 0.5) < 0.08 and set(counts.tolist()) == set(range(6))
-    assert not known_first_frames(draws, 6, 0, p_known=0.0, max_known=3).any()
-    assert not known_first_frames(draws, 1, 2, p_known=1.0, max_known=3).any()  # never the whole window
+    assert not known_counts(draws, 6, p_known=0.0, max_known=3).any()
+    assert not known_counts(draws, 1, p_known=1.0, max_known=3).any()  # never the whole window
 
     class Copy(torch.nn.Module):  # x̂ = z: the error is known in closed form
         def forward(self, z, logsnr, **_):
@@ -225,6 +229,34 @@ def test_known_first_frames_are_drawn_per_clip_and_left_out_of_the_loss():
     alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
     error = ((alpha - 1)[:, None, None, None, None] * x0 + sigma[:, None, None, None, None] * noise).pow(2)
     torch.testing.assert_close(loss, torch.stack([error[0, :, 2:].mean(), error[1].mean()]))
+
+
+def test_windows_start_their_clip_unless_given_frames_and_anchors_come_from_before_the_window():
+    """``model.window = first_unless_known``: a clip given no known frames is cropped at its first frame (a first
+    chunk starts its video), one given frames anywhere (an extension's context lies anywhere); with ``p_anchor``
+    a clip given 2+ frames shows an earlier frame of its clip in place of its window's first, as
+    ``generate.anchor_frames`` gives an extension chunk a frame of its first chunk."""
+    from diffusion.config import UNet3DConfig
+    from pipelines.models.config import DiffusionModelConfig
+    from pipelines.stages.train_diffusion import SampleDraws, crop_and_append, draw_windows
+
+    m = DiffusionModelConfig(unet=UNet3DConfig(known_frames=True), window="first_unless_known", p_anchor=0.5)
+    draws = SampleDraws(3, torch.arange(2000), 2000, torch.device("cpu"))
+    w = draw_windows(draws, 24, 16, m)
+    assert (w.first[w.known == 0] == 0).all() and set(w.first[w.known > 0].tolist()) == set(range(9))
+    anchored = w.anchor >= 0
+    eligible = (w.known >= 2) & (w.first > 0)
+    assert not anchored[~eligible].any() and abs(anchored[eligible].float().mean().item() - 0.5) < 0.06
+    assert (w.anchor[anchored] < w.first[anchored]).all() and set(w.anchor[anchored].tolist()) == set(range(8))
+    frames = torch.arange(24.0)[None, None, :, None, None].expand(2000, 1, 24, 1, 1)  # each frame holds its index
+    shown = crop_and_append(frames, w, 16, 0, draws)[:, 0, :, 0, 0]
+    torch.testing.assert_close(shown[:, 1:], (w.first[:, None] + torch.arange(1, 16)).float())
+    torch.testing.assert_close(shown[:, 0], torch.where(anchored, w.anchor, w.first).float())
+    plain = draw_windows(SampleDraws(3, torch.arange(2000), 2000, torch.device("cpu")), 24, 16,
+                         DiffusionModelConfig(unet=UNet3DConfig(known_frames=True)))
+    assert (plain.first[plain.known == 0] > 0).any() and (plain.anchor == -1).all()  # the default: anywhere
+    with pytest.raises(ValueError, match="p_anchor needs unet.known_frames"):
+        DiffusionModelConfig(p_anchor=0.5)
 
 
 def test_training_noise_is_frame_correlated_as_the_config_says():

@@ -38,6 +38,8 @@ def test_quick_demo_runs_the_chain_and_reports(quick_demo):
     for sample in saved["samples"]:
         assert (tmp_path / sample["file"]).is_file()
     assert saved["generation"]["num_frames"] == cfg.generate.num_frames
+    manifest = json.loads((tmp_path / "work" / "latents" / "manifest.json").read_text())
+    assert manifest["latent_shape"][1] == cfg.world.spec.num_frames > cfg.diffusion.data.num_frames  # windows
     runs = {m: json.loads((tmp_path / "videos" / f"generation_{m}.json").read_text())["config"]
             for m in ("reconstruction", "replacement")}
     assert runs["reconstruction"]["anchor_frames"] == cfg.generate.anchor_frames == 1  # as the default demo

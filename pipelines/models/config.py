@@ -40,17 +40,24 @@ class DiffusionModelConfig:
     p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video
     p_known: float = 0.5  # with unet.known_frames: probability that a training clip is given its first frames
     max_known: int = 8  # with unet.known_frames: how many first frames at most (1..max_known, uniformly)
+    window: Literal["random", "first_unless_known"] = "random"  # where data.num_frames windows of longer cached
+    # clips lie: anywhere; or at a clip's first frame unless it is given known frames (then anywhere: an
+    # extension's context lies anywhere in a video, a first chunk starts one)
+    p_anchor: float = 0.0  # with unet.known_frames: probability that a clip given 2+ frames whose window starts
+    # after its clip's first frame is given, in place of its first frame, an earlier one (generate.anchor_frames)
     noise_correlation: float = 0.0  # ρ of PYoCo's mixed noise (Ge et al. 2023): the frames of a clip share this
     # fraction of their noise's variance, in training and sampling alike; 0: the paper's i.i.d. noise
 
     def __post_init__(self) -> None:
-        for name in ("p_uncond", "p_unknown_start", "p_known"):
+        for name in ("p_uncond", "p_unknown_start", "p_known", "p_anchor"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not 0 <= self.noise_correlation < 1:
             raise ValueError(f"noise_correlation must be in [0, 1), got {self.noise_correlation}")
         if self.max_known < 1:
             raise ValueError(f"max_known must be at least 1, got {self.max_known}")
+        if self.p_anchor > 0 and not self.unet.known_frames:
+            raise ValueError("p_anchor needs unet.known_frames (anchors are given as known frames)")
 
 
 @dataclass

@@ -2,16 +2,16 @@
 
 ``train_diffusion(config)`` is what ``scripts/train_diffusion.py`` runs, on the shared loop of
 :mod:`pipelines.core.loop` (processes, bf16, gradient accumulation, EMA, checkpoints, resume). This module adds
-what is the diffusion model's own: where clips come from, joint image–video batches (paper §3), conditioning
-dropout for classifier-free guidance, frame-position policy, known first frames for a network trained for
-conditional generation, and sample videos.
+what is the diffusion model's own: where clips come from and where their windows lie, joint image–video batches
+(paper §3), conditioning dropout for classifier-free guidance, frame-position policy, known first frames (and
+anchors) for a network trained for conditional generation, and sample videos.
 
 Every random draw of a training sample (its window, appended frames, noise level, noise, conditioning dropout,
-hidden start, known frames) comes from a generator keyed by the run's seed and the sample's *slot*, its place in
-the sequence of all samples of the run. A slot does not depend on how the global batch is split into processes and
-micro-batches, so one process at batch 8, two at batch 4 and one at batch 4 with ``grad_accum=2`` train the same
-model (up to floating-point reduction order). Network dropout is the one exception: it draws from torch's global
-generator, reseeded per step and process.
+hidden start, known frames, anchor) comes from a generator keyed by the run's seed and the sample's *slot*, its
+place in the sequence of all samples of the run. A slot does not depend on how the global batch is split into
+processes and micro-batches, so one process at batch 8, two at batch 4 and one at batch 4 with ``grad_accum=2``
+train the same model (up to floating-point reduction order). Network dropout is the one exception: it draws from
+torch's global generator, reseeded per step and process.
 """
 
 from __future__ import annotations
@@ -93,13 +93,14 @@ class DiffusionObjective(nn.Module):
         super().__init__()
         self.denoiser, self.text, self.schedule, self.m = denoiser, text, schedule, model_cfg
 
-    def forward(self, latents: Tensor, batch: dict, draws: SampleDraws, num_images: int) -> Tensor:
+    def forward(self, latents: Tensor, batch: dict, draws: SampleDraws, num_images: int,
+                known: Optional[Tensor] = None) -> Tensor:
+        """``known``: how many first frames each clip is given ``[b]`` (:func:`draw_windows`); None: none."""
         conditioning, null = per_frame_conditioning(self.text, batch, latents.shape[2] - num_images)
         extra = {"video_start": video_start(batch, draws, self.m.p_unknown_start)} if self.m.unet.frame_positions \
             else {}
-        if self.m.unet.known_frames:
-            mask = known_first_frames(draws, latents.shape[2] - num_images, num_images, self.m.p_known,
-                                      self.m.max_known)
+        if self.m.unet.known_frames and known is not None:
+            mask = known_first_frames(known, latents.shape[2] - num_images, num_images)
             extra.update(known=latents, known_mask=mask, loss_mask=~mask[:, None, :, None, None])
         return diffusion_loss(self.denoiser, latents, self.schedule, conditioning, null, self.m.p_uncond,
                               self.m.weighting, self.m.min_snr_gamma, t=draws.times(),
@@ -109,15 +110,53 @@ class DiffusionObjective(nn.Module):
                               num_images=num_images, **extra)
 
 
-def known_first_frames(draws: SampleDraws, frames: int, num_images: int, p_known: float, max_known: int) -> Tensor:
-    """``[b, frames + num_images]`` bools: with probability ``p_known`` a clip is given its first ``k`` frames,
-    ``k ~ U{1, …, min(max_known, frames − 1)}`` (what an extension chunk is given: the last frames generated so
-    far), so one network learns both to start a video and to continue one; appended images are never given.
-    The loss leaves the given frames out."""
+def known_counts(draws: SampleDraws, frames: int, p_known: float, max_known: int) -> Tensor:
+    """``[b]``: how many first frames each clip of a ``frames``-frame window is given. With probability
+    ``p_known`` a clip is given its first ``k ~ U{1, …, min(max_known, frames − 1)}`` frames (what an extension
+    chunk is given: the last frames generated so far), so one network learns both to start a video and to
+    continue one; otherwise none (0)."""
     given = (draws.uniform() < p_known) & (frames > 1)  # a one-frame window has nothing left to continue
     k = 1 + draws.integers(max(min(max_known, frames - 1), 1))[:, 0]
-    counts = torch.where(given, k, torch.zeros_like(k))
+    return torch.where(given, k, torch.zeros_like(k))
+
+
+def known_first_frames(counts: Tensor, frames: int, num_images: int) -> Tensor:
+    """``[b, frames + num_images]`` bools: each clip's first ``counts`` frames; appended images are never given.
+    The loss leaves the given frames out."""
     return torch.arange(frames + num_images, device=counts.device)[None, :] < counts[:, None]
+
+
+@dataclasses.dataclass
+class Windows:
+    """Where each training clip's window lies in its cached clip, and what it is given (:func:`draw_windows`)."""
+
+    first: Tensor  # [b] the window's first frame within its clip
+    known: Optional[Tensor]  # [b] first frames given as input (unet.known_frames), None without known frames
+    anchor: Tensor  # [b] the clip frame shown in place of the window's first frame, −1: none
+
+
+def draw_windows(draws: SampleDraws, clip_frames: int, num_frames: int, m) -> Windows:
+    """Each clip's window of ``num_frames`` of its ``clip_frames`` cached frames, under the model config ``m``.
+
+    ``m.window = "random"``: anywhere. ``"first_unless_known"``: a clip given no known frames starts at its first
+    frame (a first chunk starts its video, and with ``unet.frame_positions`` learns the frame-0 prior), a clip
+    given known frames anywhere (an extension chunk's context lies anywhere in a video). With ``m.p_anchor`` a
+    clip given ``k ≥ 2`` frames whose window starts after its clip's first frame shows, in place of the window's
+    first frame, one from before the window: what ``generate.anchor_frames`` gives an extension chunk (a frame of
+    the first chunk before the last frames; paper §3.1 conditions on any known frames)."""
+    if clip_frames < num_frames:
+        raise ConfigError(f"data.num_frames: the data has {clip_frames}-frame clips, fewer than data.num_frames="
+                          f"{num_frames}")
+    first = draws.integers(clip_frames - num_frames + 1)[:, 0]
+    known = known_counts(draws, num_frames, m.p_known, m.max_known) if m.unet.known_frames else None
+    if m.window == "first_unless_known":
+        first = torch.where(known > 0, first, 0) if known is not None else torch.zeros_like(first)
+    anchor = torch.full_like(first, -1)
+    if m.p_anchor > 0 and known is not None:
+        anchored = (draws.uniform() < m.p_anchor) & (known >= 2) & (first > 0)
+        earlier = torch.minimum((draws.uniform() * first).long(), (first - 1).clamp_min(0))
+        anchor = torch.where(anchored, earlier, anchor)
+    return Windows(first, known, anchor)
 
 
 def per_frame_conditioning(text: TextConditioning, batch: dict, frames: int) -> tuple[dict, Optional[dict]]:
@@ -149,19 +188,18 @@ def video_start(batch: dict, draws: SampleDraws, p_unknown_start: float) -> Tens
     return (starts == 0) & (draws.uniform() >= p_unknown_start)
 
 
-def crop_and_append(latents: Tensor, num_frames: int, images: int, draws: SampleDraws) -> tuple[Tensor, Tensor]:
-    """A random window of ``num_frames`` frames of each clip ``[b, c, F, h, w]``, then ``images`` random frames of
-    the same clip appended as independent images (paper §3, joint training): ``[b, c, num_frames + images, h, w]``,
-    and each window's first frame within the clip ``[b]``."""
-    b, _, f = latents.shape[:3]
-    if f < num_frames:
-        raise ConfigError(f"data.num_frames: the data has {f}-frame clips, fewer than data.num_frames={num_frames}")
-    first = draws.integers(f - num_frames + 1)[:, 0].to(latents.device)
+def crop_and_append(latents: Tensor, windows: Windows, num_frames: int, images: int, draws: SampleDraws) -> Tensor:
+    """Each clip's window of ``num_frames`` frames (``windows``; an anchored window's first frame replaced by its
+    anchor), then ``images`` random frames of the same clip appended as independent images (paper §3, joint
+    training): ``[b, c, num_frames + images, h, w]``."""
+    f = latents.shape[2]
+    first, anchor = windows.first.to(latents.device), windows.anchor.to(latents.device)
     window = first[:, None] + torch.arange(num_frames, device=latents.device)  # [b, num_frames]
+    window[:, 0] = torch.where(anchor >= 0, anchor, window[:, 0])
     if images:
         window = torch.cat([window, draws.integers(f, images).to(latents.device)], dim=1)
     index = window[:, None, :, None, None].expand(-1, latents.shape[1], -1, *latents.shape[3:])
-    return latents.gather(2, index), first
+    return latents.gather(2, index)
 
 
 class _Source:
@@ -209,17 +247,20 @@ class _Source:
         with torch.no_grad():
             return encode_video(self.vae, batch["video"].to(device), sample=True)
 
-    def training_clips(self, batch: dict, device: torch.device, draws: SampleDraws) -> Tensor:
-        """Cropped clips with their appended images ``[b, c, f + m, h, w]``; each window's first frame in its
-        source video (``source_start``), cached text embeddings and image captions go into the batch."""
+    def training_clips(self, batch: dict, device: torch.device, draws: SampleDraws,
+                       model_cfg) -> tuple[Tensor, Windows]:
+        """Cropped clips with their appended images ``[b, c, f + m, h, w]`` and their windows
+        (:func:`draw_windows` under ``model_cfg``); each window's first frame in its source video
+        (``source_start``), cached text embeddings and image captions go into the batch."""
         m = self.cfg.images_per_video
-        latents, first = crop_and_append(self.latents(batch, device), self.cfg.num_frames, 0 if self.images else m,
-                                         draws)
-        batch["source_start"] = batch["frame_indices"].to(device).gather(1, first[:, None])[:, 0]
+        clips = self.latents(batch, device)
+        windows = draw_windows(draws, clips.shape[2], self.cfg.num_frames, model_cfg)
+        latents = crop_and_append(clips, windows, self.cfg.num_frames, 0 if self.images else m, draws)
+        batch["source_start"] = batch["frame_indices"].to(device).gather(1, windows.first.to(device)[:, None])[:, 0]
         if self.use_cached_text:
             batch["cached_text"] = {k: batch[k] for k in ("cond", "context") if k in batch}
         if self.images is None:
-            return latents
+            return latents, windows
         b = latents.shape[0]
         picks = draws.integers(len(self.images), m).flatten().tolist()
         items = [self.images[i] for i in picks]
@@ -227,7 +268,7 @@ class _Source:
         with torch.no_grad():
             image_latents = encode_video(self.vae, pixels, sample=True)
         batch["image_caption"] = [[it["caption"] for it in items[i * m : (i + 1) * m]] for i in range(b)]
-        return torch.cat([latents, image_latents.to(latents.dtype)], dim=2)
+        return torch.cat([latents, image_latents.to(latents.dtype)], dim=2), windows
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
@@ -253,7 +294,8 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
 
     def loss(batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
         draws = SampleDraws(cfg.run.seed, batch["slot"], global_batch, device)
-        value = objective(source.training_clips(batch, device, draws), batch, draws, m).mean()
+        clips, windows = source.training_clips(batch, device, draws, cfg.model)
+        value = objective(clips, batch, draws, m, windows.known).mean()
         return value, {"loss": float(value.detach())}
 
     info = {"latent_shape": source.shape, "autoencoder": source.autoencoder}
