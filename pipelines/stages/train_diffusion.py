@@ -45,6 +45,7 @@ from pipelines.core.visual import save_contact_sheet
 from pipelines.latents.shards import LatentDataset
 from pipelines.media.datasets import ImageDataset, VideoClipDataset
 from pipelines.models.conditioning import TextConditioning
+from pipelines.models.config import DiffusionModelConfig
 from pipelines.models.diffusion import DiffusionBundle, build_unet_config, sample
 from pipelines.models.text import build_text_encoder
 from pipelines.stages.configs import DiffusionDataConfig, DiffusionTrainConfig
@@ -135,7 +136,7 @@ class Windows:
     anchor: Tensor  # [b] the clip frame shown in place of the window's first frame, −1: none
 
 
-def draw_windows(draws: SampleDraws, clip_frames: int, num_frames: int, m) -> Windows:
+def draw_windows(draws: SampleDraws, clip_frames: int, num_frames: int, m: DiffusionModelConfig) -> Windows:
     """Each clip's window of ``num_frames`` of its ``clip_frames`` cached frames, under the model config ``m``.
 
     ``m.window = "random"``: anywhere. ``"first_unless_known"``: a clip given no known frames starts at its first
@@ -248,7 +249,7 @@ class _Source:
             return encode_video(self.vae, batch["video"].to(device), sample=True)
 
     def training_clips(self, batch: dict, device: torch.device, draws: SampleDraws,
-                       model_cfg) -> tuple[Tensor, Windows]:
+                       model_cfg: DiffusionModelConfig) -> tuple[Tensor, Windows]:
         """Cropped clips with their appended images ``[b, c, f + m, h, w]`` and their windows
         (:func:`draw_windows` under ``model_cfg``); each window's first frame in its source video
         (``source_start``), cached text embeddings and image captions go into the batch."""
