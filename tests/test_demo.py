@@ -63,11 +63,15 @@ def test_quick_demo_runs_the_chain_and_reports(quick_demo):
     assert sweep["prompts"]["held_out"] == cfg.world.held_out
     assert len(sweep["prompts"]["seen"]) == cfg.sweep.seen_prompts
     assert not set(sweep["prompts"]["seen"]) & set(cfg.world.held_out)
+    n = cfg.sweep.samples
+    assert n == 2 and sweep["samples"] == n  # the quick config pools two samples per prompt, as the default demo
     for row in sweep["by_w"].values():
-        assert row["held_out"]["videos"] == len(cfg.world.held_out) and row["seen"]["videos"] == cfg.sweep.seen_prompts
+        assert row["held_out"]["videos"] == n * len(cfg.world.held_out)
+        assert row["seen"]["videos"] == n * cfg.sweep.seen_prompts and row["all"]["videos"] == row["held_out"][
+            "videos"] + row["seen"]["videos"]
         for group in ("all", "held_out", "seen"):
             assert row[group]["adherence"] <= min(row[group][k] for k in ("colour", "shape", "direction"))
-    assert len(list((tmp_path / "sweep").glob("*.mp4"))) == len(sweep["by_w"]) * (len(cfg.world.held_out) + 2)
+    assert len(list((tmp_path / "sweep").glob("*.mp4"))) == len(sweep["by_w"]) * n * (len(cfg.world.held_out) + 2)
     # no training video shows a held-out caption
     captions = (tmp_path / "work" / "world" / "train" / "captions.jsonl").read_text()
     assert all(f'"{c}"' not in captions for c in cfg.world.held_out)

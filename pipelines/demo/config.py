@@ -32,6 +32,12 @@ class GuidanceSweepConfig:
 
     weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])  # w; the default one is added if absent
     seen_prompts: int = 8  # training captions beside the held-out ones
+    samples: int = 1  # videos per prompt and weight (each from its own noise), pooled: one prompt of 16 then moves
+    # a figure by 1 / (16 · samples)
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
 
 
 @dataclass

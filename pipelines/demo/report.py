@@ -92,7 +92,8 @@ def render_report(report: dict, cfg: DemoConfig) -> str:
         f"{a['seconds']:.0f} s |",
         f"| diffusion | {d['steps']} steps, {d['seconds']:.0f} s, final loss {d['final_loss']:.4f} |",
         f"| guidance sweep | w in {[r['w'] for r in sweep['by_w'].values()]} on {len(sweep['prompts']['held_out'])} "
-        f"held-out and {len(sweep['prompts']['seen'])} training captions, {sweep['num_frames']} frames each, "
+        f"held-out and {len(sweep['prompts']['seen'])} training captions × {sweep.get('samples', 1)} samples, "
+        f"{sweep['num_frames']} frames each, "
         f"{sweep['seconds']:.0f} s |",
         f"| generation | {g['videos']} videos × {g['num_frames']} frames ({g['chunks']} chunks each), "
         f"{g['seconds']:.0f} s, peak RSS {g['peak_rss_mb']:.0f} MB |",

@@ -124,21 +124,23 @@ def sweep_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
 
 
 def guidance_sweep(cfg: DemoConfig, out: Path, log) -> dict:
-    """One chunk per prompt at every guidance weight of ``cfg.sweep`` (same prompts, same seed): adherence on
-    held-out and training captions apart, per w."""
+    """``sweep.samples`` chunks per prompt at every guidance weight of ``cfg.sweep`` (same prompts, same seed):
+    adherence on held-out and training captions apart, per w."""
     held_out, seen = sweep_prompts(cfg)
+    prompts = (held_out + seen) * cfg.sweep.samples
     weights = sorted(set(cfg.sweep.weights) | {cfg.generate.sampling.guidance})
     folder, start, by_w = out / "sweep", time.perf_counter(), {}
     for w in weights:
-        gen = dataclasses.replace(cfg.generate, prompts=held_out + seen, num_frames=cfg.diffusion.data.num_frames,
-                                  batch_size=len(held_out + seen), name=f"w{w:g}", out_dir=str(folder),
+        gen = dataclasses.replace(cfg.generate, prompts=prompts, num_frames=cfg.diffusion.data.num_frames,
+                                  batch_size=len(prompts), name=f"w{w:g}", out_dir=str(folder),
                                   sampling=dataclasses.replace(cfg.generate.sampling, guidance=w))
         graded = grade(generate(gen, log), folder)
-        by_w[f"{w:g}"] = {"w": w, "all": adherence(graded), "held_out": adherence(graded[: len(held_out)]),
-                          "seen": adherence(graded[len(held_out) :])}
+        by_w[f"{w:g}"] = {"w": w, "all": adherence(graded),
+                          "held_out": adherence([g for g in graded if g["prompt"] in held_out]),
+                          "seen": adherence([g for g in graded if g["prompt"] not in held_out])}
     return {"default": cfg.generate.sampling.guidance, "prompts": {"held_out": held_out, "seen": seen},
-            "num_frames": cfg.diffusion.data.num_frames, "seconds": round(time.perf_counter() - start, 2),
-            "by_w": by_w}
+            "samples": cfg.sweep.samples, "num_frames": cfg.diffusion.data.num_frames,
+            "seconds": round(time.perf_counter() - start, 2), "by_w": by_w}
 
 
 def long_videos(cfg: DemoConfig, out: Path, log) -> dict | None:
