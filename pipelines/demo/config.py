@@ -28,7 +28,8 @@ class WorldConfig:
 @dataclass
 class GuidanceSweepConfig:
     """Classifier-free guidance weights the report compares, each on the same prompts and seeds: the world's
-    held-out captions and as many training captions, one chunk each (the generation's own sampler otherwise)."""
+    held-out captions and as many training captions, ``samples`` chunks each (the generation's own sampler
+    otherwise)."""
 
     weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 3.0])  # w; the default one is added if absent
     seen_prompts: int = 8  # training captions beside the held-out ones
