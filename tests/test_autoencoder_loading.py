@@ -199,6 +199,30 @@ def test_own_format_round_trip(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[key], value.double(), atol=0, rtol=0)
 
 
+def test_loaded_for_inference_in_channels_last_with_the_same_video_out(tmp_path):
+    """The loader's NHWC weights (faster convolutions on the CPU) give the NCHW model's encoding and decoding,
+    the video layout ``[b, c, f, h, w]`` unchanged, the same weights hash for the latent cache (its 1×1
+    convolutions are "contiguous" with a last stride above 1), and a reload saves back to the same tensors."""
+    from autoencoder import decode_video, encode_video
+    from pipelines.latents.shards import weights_hash
+
+    save_autoencoder(AutoencoderKL(TINY), tmp_path / "model")
+    fast, plain = load_autoencoder(tmp_path / "model"), load_autoencoder(tmp_path / "model", channels_last=False)
+    weight = fast.decoder.conv_in.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert weights_hash(fast) == weights_hash(plain)
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z_fast, z_plain = encode_video(fast, video), encode_video(plain, video)
+        torch.testing.assert_close(z_fast, z_plain, atol=1e-5, rtol=1e-5)
+        out = decode_video(fast, z_plain)
+        torch.testing.assert_close(out, decode_video(plain, z_plain), atol=1e-5, rtol=1e-5)
+    assert out.shape == video.shape
+    save_autoencoder(fast, tmp_path / "again")
+    for key, value in load_autoencoder(tmp_path / "again", channels_last=False).state_dict().items():
+        assert torch.equal(value, plain.state_dict()[key]), key
+
+
 def test_checkpoint_root_follows_latest_and_prefers_ema(tmp_path):
     config = TINY
     model, ema = AutoencoderKL(config), AutoencoderKL(config)

@@ -128,7 +128,7 @@ def test_shape_classifier_survives_blur_and_keeps_its_margins():
     of each threshold, and a blur like an autoencoder's (σ = 0.8 px) changes no answer."""
     from scipy.ndimage import gaussian_filter
 
-    from pipelines.world.synthetic import SQUARE_KURTOSIS_GAP, TRIANGLE_SKEW, _shape_features, classify_shape
+    from pipelines.world.synthetic import SQUARE_KURTOSIS_GAP, TRIANGLE_SKEW, classify_shape, shape_features
 
     params = [world_params(i, SPEC, seed=5) for i in range(96)]
     features = {shape: [] for shape in ("circle", "square", "triangle")}
@@ -136,7 +136,8 @@ def test_shape_classifier_survives_blur_and_keeps_its_margins():
         clip = render_clip(p, SPEC)
         blurred = gaussian_filter(clip.astype(float), sigma=(0, 0.8, 0.8, 0)).round().astype(np.uint8)
         assert classify_shape(clip) == classify_shape(blurred) == p.shape, p
-        features[p.shape] += [f for f in map(_shape_features, clip.max(axis=-1).astype(float)) if f is not None]
+        per_frame = shape_features(clip.max(axis=-1))
+        features[p.shape] += list(per_frame[~np.isnan(per_frame).any(axis=1)])
     skew = {s: np.array(v)[:, 0] for s, v in features.items()}
     gap = {s: np.array(v)[:, 1] for s, v in features.items()}
     assert skew["triangle"].max() < TRIANGLE_SKEW - 0.1 < TRIANGLE_SKEW + 0.1 < min(skew["circle"].min(),
@@ -269,3 +270,20 @@ def test_boundary_jumps_are_given_per_boundary():
     jumps = boundary_jumps(track, [3, 6, 9])
     assert jumps[:2] == [1.0, 5.0] and np.isnan(jumps[2])
     assert boundary_jump_ratio(track, [3, 6, 9]) == 3.0  # mean over the boundaries where the object is seen
+
+
+def test_shape_features_are_per_frame_and_skip_unlit_frames():
+    """The features of a video's frames, computed together, are each frame's alone (each frame has its own
+    brightness threshold), unlit frames are NaN and left out of the vote, and a dark video has no shape."""
+    from pipelines.world.synthetic import classify_shape, shape_features
+
+    p = next(q for q in (world_params(i, SPEC, seed=5) for i in range(40)) if q.shape == "triangle")
+    clip = render_clip(p, SPEC)
+    clip[1] //= 3  # a dimmer frame: a video-wide threshold would cut its object differently
+    clip[2] = 0  # nothing lit
+    together = shape_features(clip.max(axis=-1))
+    alone = np.concatenate([shape_features(frame.max(axis=-1)[None]) for frame in clip])
+    np.testing.assert_allclose(together, alone, rtol=1e-12)
+    assert np.isnan(together[2]).all() and not np.isnan(np.delete(together, 2, axis=0)).any()
+    assert classify_shape(clip) == "triangle"
+    assert classify_shape(np.zeros_like(clip)) == "none"

@@ -37,11 +37,14 @@ TEXT_IDENTITY = ("kind", "model", "pretrained", "width", "layers", "heads", "con
 
 
 def weights_hash(module: nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of a module's weights, in key order: which autoencoder made the latents."""
+    """SHA-256 (first 16 hex digits) of a module's weights, in key order: which autoencoder made the latents.
+
+    The bytes are each tensor's values in index order, whatever its memory format (a channels-last 1×1
+    convolution counts as contiguous with a last stride above 1, so it is flattened before its bytes are read)."""
     digest = hashlib.sha256()
     for key, tensor in sorted(module.state_dict().items()):
         digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

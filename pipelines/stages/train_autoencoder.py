@@ -66,7 +66,7 @@ class AutoencoderObjective(nn.Module):
 
 def build_models(cfg: AutoencoderTrainConfig) -> tuple[AutoencoderKL, AutoencoderLoss]:
     """The VAE (fresh or from ``init_from``) and its loss module (discriminator, learned log-variance, LPIPS)."""
-    vae = load_autoencoder(cfg.init_from).train() if cfg.init_from else AutoencoderKL(cfg.model)
+    vae = load_autoencoder(cfg.init_from, channels_last=False).train() if cfg.init_from else AutoencoderKL(cfg.model)
     vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
     return vae, AutoencoderLoss(cfg.loss, in_channels=vae.config.in_channels)
 

@@ -244,16 +244,18 @@ TRIANGLE_SKEW = -0.2  # upward triangle: skewness of its vertical profile ≈ �
 SQUARE_KURTOSIS_GAP = 0.27  # square: diagonal minus axis kurtosis ≈ 0.6; circle: 0
 
 
-def _standardised_moments(weight: np.ndarray, u: np.ndarray) -> tuple[float, float]:
-    """Skewness and kurtosis of the coordinate ``u`` (centred) under the mass ``weight``."""
-    mass = weight.sum()
-    variance = (weight * u**2).sum() / mass
-    return (weight * u**3).sum() / mass / variance**1.5, (weight * u**4).sum() / mass / variance**2
+def _standardised_moments(weight: np.ndarray, u: np.ndarray, mass: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Skewness and kurtosis of the coordinate ``u`` (centred) under the mass ``weight``, per frame: ``weight``
+    is ``[f, H, W]``, ``u`` broadcasts to it, ``mass [f]`` is ``weight``'s sum per frame."""
+    variance = (weight * u**2).sum(axis=(1, 2)) / mass
+    return ((weight * u**3).sum(axis=(1, 2)) / mass / variance**1.5,
+            (weight * u**4).sum(axis=(1, 2)) / mass / variance**2)
 
 
-def _shape_features(frame: np.ndarray) -> tuple[float, float] | None:
-    """``(skew, kurtosis_gap)`` of the object in a brightness map ``[H, W]``, from the moments of its pixels
-    (brightness above a quarter of the peak, weighted by brightness), which blur and antialiasing barely move:
+def shape_features(brightness: np.ndarray) -> np.ndarray:
+    """``(skew, kurtosis_gap)`` of the object in every frame of a brightness map ``[f, H, W]``: ``[f, 2]``,
+    NaN rows where fewer than 4 pixels are lit. From the moments of the object's pixels (brightness above a
+    quarter of the frame's peak, weighted by brightness), which blur and antialiasing barely move:
 
     * ``skew``: skewness of the vertical profile. The upward triangle's mass sits at its base: −2√2/5 ≈ −0.57;
       a circle's and a square's: 0.
@@ -261,32 +263,47 @@ def _shape_features(frame: np.ndarray) -> tuple[float, float] | None:
       square projects to a uniform profile on an axis (1.8) and a triangular one on a diagonal (2.4); a circle
       projects to the same semicircle profile in every direction (2.0 each): gaps 0.6 and 0.
 
-    None when fewer than 4 pixels are lit.
+    All frames at once (a video's frames are one array operation each, not a Python loop per frame).
     """
-    weight = np.where(frame > max(frame.max() / 4, 30), frame, 0.0)
-    if (weight > 0).sum() < 4:
-        return None
-    y, x = np.mgrid[0 : frame.shape[0], 0 : frame.shape[1]] + 0.5
-    mass = weight.sum()
-    dx, dy = x - (weight * x).sum() / mass, y - (weight * y).sum() / mass
-    skew, kurtosis_y = _standardised_moments(weight, dy)
-    kurtosis_x = _standardised_moments(weight, dx)[1]
-    diagonals = [_standardised_moments(weight, (dx + sign * dy) / np.sqrt(2))[1] for sign in (1, -1)]
-    return float(skew), float(np.mean(diagonals) - (kurtosis_x + kurtosis_y) / 2)
+    brightness = np.asarray(brightness, dtype=np.float64)
+    peak = brightness.max(axis=(1, 2), keepdims=True)
+    weight = np.where(brightness > np.maximum(peak / 4, 30), brightness, 0.0)
+    lit = (weight > 0).sum(axis=(1, 2)) >= 4
+    mass = np.where(lit, weight.sum(axis=(1, 2)), 1.0)
+    y = np.arange(brightness.shape[1]) + 0.5
+    x = np.arange(brightness.shape[2]) + 0.5
+    dx = x[None, None, :] - ((weight.sum(axis=1) * x).sum(axis=1) / mass)[:, None, None]  # [f, 1, W]
+    dy = y[None, :, None] - ((weight.sum(axis=2) * y).sum(axis=1) / mass)[:, None, None]  # [f, H, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):  # unlit frames (NaN below) and degenerate lines
+        skew, kurtosis_y = _standardised_moments(weight, dy, mass)
+        kurtosis_x = _standardised_moments(weight, dx, mass)[1]
+        diagonals = [_standardised_moments(weight, (dx + sign * dy) / np.sqrt(2), mass)[1] for sign in (1, -1)]
+    features = np.stack([skew, (diagonals[0] + diagonals[1]) / 2 - (kurtosis_x + kurtosis_y) / 2], axis=1)
+    features[~lit] = np.nan
+    return features
+
+
+def shape_of_features(features: np.ndarray) -> str:
+    """The shape from the median over frames of :func:`shape_features` ``[f, 2]`` (unlit frames left out): a
+    triangle when the vertical profile is skewed (``skew < TRIANGLE_SKEW``), else a square when the diagonals'
+    kurtosis exceeds the axes' by ``SQUARE_KURTOSIS_GAP``, else a circle; ``"none"`` when there is no object."""
+    features = features[~np.isnan(features).all(axis=1)]
+    if not len(features):
+        return "none"
+    skew, gap = np.median(features, axis=0)
+    return "triangle" if skew < TRIANGLE_SKEW else "square" if gap > SQUARE_KURTOSIS_GAP else "circle"
+
+
+def _brightness(frames: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The brightest channel of every pixel, float64 ``[f, H, W]``."""
+    return as_uint8_frames(frames).max(axis=-1).astype(np.float64)
 
 
 def classify_shape(frames: np.ndarray | torch.Tensor) -> str:
-    """The shape from the median over frames of :func:`_shape_features`: a triangle when the vertical profile
-    is skewed (``skew < TRIANGLE_SKEW``), else a square when the diagonals' kurtosis exceeds the axes' by
-    ``SQUARE_KURTOSIS_GAP``, else a circle; ``"none"`` when there is no object. On the demo world's own videos
-    (MP4-decoded) the features fall in disjoint ranges with wide margins, and also after the demo's autoencoder
-    (the report gives both accuracies)."""
-    brightness = as_uint8_frames(frames).max(axis=-1).astype(np.float64)  # [f, H, W]
-    features = [f for f in map(_shape_features, brightness) if f is not None]
-    if not features:
-        return "none"
-    skew, gap = np.median(np.array(features), axis=0)
-    return "triangle" if skew < TRIANGLE_SKEW else "square" if gap > SQUARE_KURTOSIS_GAP else "circle"
+    """The object's shape in a video (:func:`shape_of_features` of its frames' :func:`shape_features`). On the
+    demo world's own videos (MP4-decoded) the features fall in disjoint ranges with wide margins, and also after
+    the demo's autoencoder (the report gives both accuracies)."""
+    return shape_of_features(shape_features(_brightness(frames)))
 
 
 def centroid_track(frames: np.ndarray | torch.Tensor, threshold: int = 60, min_pixels: int = 4) -> np.ndarray:
@@ -363,19 +380,21 @@ def _finite_mean(values: Sequence[float]) -> float:
     return float(finite.mean()) if len(finite) else float("nan")
 
 
-def chunk_identity(frames: np.ndarray | torch.Tensor, caption: str, boundaries: Sequence[int]) -> list[dict]:
+def chunk_identity(frames: np.ndarray | torch.Tensor, caption: str, boundaries: Sequence[int],
+                   features: np.ndarray | None = None) -> list[dict]:
     """Colour and shape of the object in each generated chunk (the frames from one boundary to the next) against
     the caption: what a viewer sees first when an object changes from one chunk to the next.
 
     Returns one ``{"colour", "shape", "colour_correct", "shape_correct", "identity"}`` per chunk, ``identity``
-    being both right.
+    being both right. ``features`` are the video's :func:`shape_features` when the caller has them already.
     """
     frames = as_uint8_frames(frames)
+    features = shape_features(_brightness(frames)) if features is None else features
     truth = parse_caption(caption)
     edges = [0, *[b for b in boundaries if 0 < b < len(frames)], len(frames)]
     chunks = []
     for start, stop in zip(edges[:-1], edges[1:]):
-        colour, shape = classify_colour(frames[start:stop]), classify_shape(frames[start:stop])
+        colour, shape = classify_colour(frames[start:stop]), shape_of_features(features[start:stop])
         chunks.append({"colour": colour, "shape": shape, "colour_correct": colour == truth["colour"],
                        "shape_correct": shape == truth["shape"],
                        "identity": colour == truth["colour"] and shape == truth["shape"]})
@@ -393,11 +412,11 @@ def analyse_video(
     (:func:`chunk_identity`).
     """
     frames = as_uint8_frames(frames)
-    track = centroid_track(frames)
+    track, features = centroid_track(frames), shape_features(_brightness(frames))
     jumps = boundary_jumps(track, boundaries)
     result = {
         "colour": classify_colour(frames),
-        "shape": classify_shape(frames),
+        "shape": shape_of_features(features),
         "direction": motion_direction(track),
         "track": track,
         "jump_ratio": _finite_mean(jumps),
@@ -406,5 +425,5 @@ def analyse_video(
     if caption is not None:
         truth = parse_caption(caption)
         result.update({f"{key}_correct": result[key] == truth[key] for key in truth})
-        result["chunks"] = chunk_identity(frames, caption, boundaries)
+        result["chunks"] = chunk_identity(frames, caption, boundaries, features)
     return result
