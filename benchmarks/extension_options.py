@@ -47,6 +47,11 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "w_r_4_low_noise": {"w_r": 4.0, "w_r_interval": [-4.0, 20.0]},
     "w_r_8_low_noise": {"w_r": 8.0, "w_r_interval": [-4.0, 20.0]},
     "w_r_4_high_noise": {"w_r": 4.0, "w_r_interval": [-20.0, -4.0]},
+    # on a schedule with more steps at low noise (schedule.shift_clean), the same λ ≥ -4 spans half the steps:
+    "w_r_1_above_-2": {"w_r_interval": [-2.0, 20.0]},
+    "w_r_1_above_0": {"w_r_interval": [0.0, 20.0]},
+    "w_r_2_above_-2": {"w_r": 2.0, "w_r_interval": [-2.0, 20.0]},
+    "w_r_1_everywhere": {"w_r_interval": None},
     "pc_corrector": {"sampling": {"sampler": "pc", "corrector_steps": 1}},
     "replacement": {"method": "replacement"},
     "no_cfg": {"sampling": {"guidance": 0.0}},  # the demo guides at w = 1 (in its interval): without guidance

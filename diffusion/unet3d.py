@@ -383,23 +383,24 @@ class UNet3D(nn.Module):
         if cfg.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def _attention(self, ch: int) -> list[nn.Module]:
-        """A spatial attention block, then (in a video model) a temporal one."""
+    def _attention(self, ch: int, spatial: bool = True, temporal: bool = True) -> list[nn.Module]:
+        """A spatial attention block, then (in a video model) a temporal one; either may be left out."""
         cfg = self.config
-        blocks: list[nn.Module] = [
-            SpatialAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim, cfg.attention_backend)
-        ]
-        if cfg.temporal_attention:
+        blocks: list[nn.Module] = []
+        if spatial:
+            blocks.append(SpatialAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim, cfg.attention_backend))
+        if temporal and cfg.temporal_attention:
             blocks.append(TemporalAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.max_relative_distance,
                                             cfg.attention_backend))
         return blocks
 
     def _stage(self, cin: int, cout: int, level: int, emb_dim: int) -> nn.ModuleList:
-        """A residual block, followed by attention at the configured levels."""
+        """A residual block, followed by spatial and temporal attention at their configured levels."""
         cfg = self.config
         blocks = [ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm)]
-        if level in cfg.attention_levels:
-            blocks += self._attention(cout)
+        temporal_levels = cfg.attention_levels if cfg.temporal_attention_levels is None \
+            else cfg.temporal_attention_levels
+        blocks += self._attention(cout, spatial=level in cfg.attention_levels, temporal=level in temporal_levels)
         return nn.ModuleList(blocks)
 
     def _run(self, blocks: nn.ModuleList, x: Tensor, state: FrameState) -> Tensor:

@@ -1,5 +1,6 @@
 """The main job's quick variant: the whole chain on the built-in world, with its report."""
 
+import dataclasses
 import json
 
 import pytest
@@ -130,6 +131,32 @@ def test_extension_options_are_compared_on_the_same_prompts(quick_demo, tmp_path
     assert len(pooled["by_chunk"]) == runs[0]["chunks"]
 
 
+def test_first_chunks_grade_every_prompt_and_seed_and_count_wrong_frames(quick_demo, tmp_path):
+    """benchmarks/first_chunks.py: a world clip graded against its own caption is right in every frame; against
+    another shape's caption every frame is wrong; on the quick demo every prompt's chunk under every seed."""
+    import numpy as np
+
+    from benchmarks.first_chunks import grade_chunk, measure, summarise
+    from pipelines.demo.run import sweep_prompts, wire
+    from pipelines.world.synthetic import WorldParams, render_clip
+
+    clip = render_clip(WorldParams("square", "red", "left", 16.0, 16.0, 2.0))
+    right, wrong = grade_chunk(clip, "a red square moving left"), grade_chunk(clip, "a red circle moving left")
+    assert right["identity"] and right["wrong_shape_frames"] == right["wrong_colour_frames"] == 0
+    assert not wrong["identity"] and wrong["wrong_shape_frames"] == len(clip) and wrong["wrong_colour_frames"] == 0
+    summary = summarise([right, wrong], held_out={"a red circle moving left"})
+    assert summary["identity"] == 0.5 and summary["held_out_identity"] == 0.0
+    assert summary["wrong_shape_frames"] == 0.5 and summary["wrong"] == {"red circle moving left -> red square": 1}
+
+    cfg = quick_demo[0]
+    row = measure(wire(cfg), (0, 1), tmp_path / "chunks")
+    assert row["seeds"] == [0, 1] and row["chunks"] == 2 * row["prompts"]
+    held_out, seen = sweep_prompts(cfg)
+    assert row["prompts"] == len({*cfg.generate.prompts, *held_out, *seen})
+    assert 0 <= row["identity"] <= 1 and np.isfinite(row["wrong_shape_frames"])
+    assert sum(row["wrong"].values()) == round((1 - row["identity"]) * row["chunks"])
+
+
 def test_without_a_detector_the_report_says_how_to_add_fvd(tmp_path):
     cfg = load_config(DemoConfig, None, [f"out_dir={tmp_path}"])
     distances = video_distances(cfg, {}, tmp_path, log=lambda *a: None)
@@ -156,3 +183,21 @@ def test_training_processes_split_the_batch_and_refuse_a_split_that_does_not_div
     assert training_processes(odd) == 1  # auto never splits a batch unevenly
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert training_processes(auto) == 1  # one GPU: one process
+
+
+def test_the_demos_schedule_trains_and_samples_at_low_noise_too():
+    """The demo's shift of −6 alone left 3 % of training and no sampling step at λ ≥ 0 (its last DDIM step jumped
+    from λ ≈ −0.9 to the data, and squares came out round); interpolated to ``shift_clean`` at the clean end, a
+    sixth of training and the last steps lie there, while the noisy end keeps the shift (README, "Training at low
+    noise too")."""
+    from diffusion import NoiseSchedule
+
+    cfg = load_config(DemoConfig, "configs/demo/default.yaml", [])
+    schedule = NoiseSchedule.of(cfg.diffusion.model.schedule)
+    logsnr = schedule.logsnr(torch.linspace(0, 1, 10_001))
+    assert (logsnr >= 0).float().mean() > 0.1
+    assert (logsnr <= -6).float().mean() > 0.25  # the high-noise training the direction prior needs
+    grid = schedule.grid(cfg.generate.sampling.steps)
+    assert (grid[:-1] >= 0).sum() >= 2 and grid[-2] > 2
+    shifted_only = NoiseSchedule.of(dataclasses.replace(cfg.diffusion.model.schedule, shift_clean=None))
+    assert shifted_only.grid(cfg.generate.sampling.steps)[-2] < 0  # what it replaced

@@ -311,7 +311,11 @@ def centroid_track(frames: np.ndarray | torch.Tensor, threshold: int = 60, min_p
 
     Bright pixels weighted by brightness, which locates antialiased shapes to a fraction of a pixel.
     """
-    brightness = as_uint8_frames(frames).max(axis=-1).astype(np.float64)  # [f, H, W]
+    return _track(_brightness(frames), threshold, min_pixels)
+
+
+def _track(brightness: np.ndarray, threshold: int = 60, min_pixels: int = 4) -> np.ndarray:
+    """:func:`centroid_track` of the brightest-channel map ``[f, H, W]`` (:func:`_brightness`)."""
     weight = np.where(brightness > threshold, brightness, 0.0)
     total = weight.sum(axis=(1, 2))
     h, w = brightness.shape[1:]
@@ -412,7 +416,8 @@ def analyse_video(
     (:func:`chunk_identity`).
     """
     frames = as_uint8_frames(frames)
-    track, features = centroid_track(frames), shape_features(_brightness(frames))
+    brightness = _brightness(frames)
+    track, features = _track(brightness), shape_features(brightness)
     jumps = boundary_jumps(track, boundaries)
     result = {
         "colour": classify_colour(frames),
