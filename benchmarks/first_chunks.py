@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import json
 import sys
 import time
@@ -27,22 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def grade_chunk(frames, caption: str) -> dict:
     """Identity of one chunk ``uint8 [f, H, W, 3]`` against its caption, and its wrong frames counted apart."""
-    from pipelines.world.synthetic import (  # noqa: PLC0415
-        _brightness,
-        classify_colour,
-        parse_caption,
-        shape_features,
-        shape_of_features,
-    )
+    from pipelines.world.synthetic import chunk_identity, shape_features  # noqa: PLC0415
 
-    truth = parse_caption(caption)
-    features = shape_features(_brightness(frames))
-    colour, shape = classify_colour(frames), shape_of_features(features)
-    return {"caption": caption, "colour": colour, "shape": shape,
-            "identity": colour == truth["colour"] and shape == truth["shape"],
+    features = shape_features(frames.max(axis=-1))  # the brightest channel, as the analyser reads it
+    whole = chunk_identity(frames, caption, (), features)[0]
+    per_frame = chunk_identity(frames, caption, range(1, len(frames)), features)  # every frame a "chunk"
+    return {"caption": caption, "colour": whole["colour"], "shape": whole["shape"], "identity": whole["identity"],
             "frames": len(frames),
-            "wrong_colour_frames": sum(classify_colour(frame[None]) != truth["colour"] for frame in frames),
-            "wrong_shape_frames": sum(shape_of_features(row[None]) != truth["shape"] for row in features)}
+            "wrong_colour_frames": sum(not f["colour_correct"] for f in per_frame),
+            "wrong_shape_frames": sum(not f["shape_correct"] for f in per_frame)}
 
 
 def summarise(chunks: list[dict], held_out: set[str]) -> dict:
@@ -61,16 +53,14 @@ def summarise(chunks: list[dict], held_out: set[str]) -> dict:
 def measure(cfg, seeds, work: Path) -> dict:
     """Every prompt's first chunk under every seed, graded and summarised."""
     from pipelines.demo.grading import generated_frames  # noqa: PLC0415
-    from pipelines.demo.run import sweep_prompts  # noqa: PLC0415
+    from pipelines.demo.run import first_chunk_config, sweep_prompts  # noqa: PLC0415
     from pipelines.stages.generate import generate  # noqa: PLC0415
 
     held_out, seen = sweep_prompts(cfg)
     prompts = list(dict.fromkeys([*cfg.generate.prompts, *held_out, *seen]))
     chunks = []
     for seed in seeds:
-        gen = dataclasses.replace(cfg.generate, prompts=prompts, num_frames=cfg.diffusion.data.num_frames,
-                                  batch_size=len(prompts), seed=seed, out_dir=str(work), name=f"seed{seed}")
-        result = generate(gen, lambda *a, **k: None)
+        result = generate(first_chunk_config(cfg, prompts, work, f"seed{seed}", seed=seed), lambda *a, **k: None)
         chunks += [grade_chunk(generated_frames(s, work), s["prompt"]) for s in result["samples"]]
     return summarise(chunks, set(held_out)) | {"prompts": len(prompts), "seeds": list(seeds)}
 

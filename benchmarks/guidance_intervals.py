@@ -34,7 +34,7 @@ def parse_setting(text: str) -> tuple[float, float, float, float]:
 def measure(cfg, settings, seeds, work: Path, log=print) -> list[dict]:
     """Adherence per setting over ``seeds`` × the sweep's prompts, all of them and the held-out ones apart."""
     from pipelines.demo.grading import adherence, grade  # noqa: PLC0415
-    from pipelines.demo.run import sweep_prompts  # noqa: PLC0415
+    from pipelines.demo.run import first_chunk_config, sweep_prompts  # noqa: PLC0415
     from pipelines.stages.generate import generate  # noqa: PLC0415
 
     held_out, seen = sweep_prompts(cfg)
@@ -44,9 +44,8 @@ def measure(cfg, settings, seeds, work: Path, log=print) -> list[dict]:
         for seed in seeds:
             sampling = dataclasses.replace(cfg.generate.sampling, guidance=w, guidance_interval=[lo, hi],
                                            guidance_rescale=phi)
-            gen = dataclasses.replace(cfg.generate, prompts=prompts, num_frames=cfg.diffusion.data.num_frames,
-                                      batch_size=len(prompts), seed=seed, sampling=sampling, out_dir=str(work),
-                                      name=f"w{w:g}_{lo:g}_{hi:g}_phi{phi:g}_seed{seed}")
+            gen = first_chunk_config(cfg, prompts, work, f"w{w:g}_{lo:g}_{hi:g}_phi{phi:g}_seed{seed}", seed=seed,
+                                     sampling=sampling)
             graded += grade(generate(gen, lambda *a, **k: None), work)
         held = [g for i, g in enumerate(graded) if i % len(prompts) < len(held_out)]
         row = {"w": w, "interval": [lo, hi], "rescale": phi, "samples": len(graded), "all": adherence(graded),

@@ -85,6 +85,11 @@ class UNet3DConfig:
                                  f"(base_channels × channel_mult), not {mult * self.base_channels}")
 
     @property
+    def temporal_levels(self) -> list[int]:
+        """The levels with temporal attention: ``temporal_attention_levels``, or ``attention_levels`` when unset."""
+        return self.attention_levels if self.temporal_attention_levels is None else self.temporal_attention_levels
+
+    @property
     def downsample_factor(self) -> int:
         """Spatial size must be divisible by this (2^(levels − 1))."""
         return 2 ** (len(self.channel_mult) - 1)

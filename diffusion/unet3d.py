@@ -398,9 +398,7 @@ class UNet3D(nn.Module):
         """A residual block, followed by spatial and temporal attention at their configured levels."""
         cfg = self.config
         blocks = [ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm)]
-        temporal_levels = cfg.attention_levels if cfg.temporal_attention_levels is None \
-            else cfg.temporal_attention_levels
-        blocks += self._attention(cout, spatial=level in cfg.attention_levels, temporal=level in temporal_levels)
+        blocks += self._attention(cout, spatial=level in cfg.attention_levels, temporal=level in cfg.temporal_levels)
         return nn.ModuleList(blocks)
 
     def _run(self, blocks: nn.ModuleList, x: Tensor, state: FrameState) -> Tensor:

@@ -123,6 +123,13 @@ def sweep_prompts(cfg: DemoConfig) -> tuple[list[str], list[str]]:
     return list(cfg.world.held_out), [caption_of(combos[i]) for i in order]
 
 
+def first_chunk_config(cfg: DemoConfig, prompts: list[str], folder: Path, name: str, **changes):
+    """The demo's generation config for one chunk (the training window) of each of ``prompts`` in one batch,
+    written to ``folder`` as ``name``; ``changes`` replace further fields (``seed``, ``sampling``)."""
+    return dataclasses.replace(cfg.generate, prompts=prompts, num_frames=cfg.diffusion.data.num_frames,
+                               batch_size=len(prompts), out_dir=str(folder), name=name, **changes)
+
+
 def guidance_sweep(cfg: DemoConfig, out: Path, log) -> dict:
     """``sweep.samples`` chunks per prompt at every guidance weight of ``cfg.sweep`` (same prompts, same seed):
     adherence on held-out and training captions apart, per w."""
@@ -131,9 +138,8 @@ def guidance_sweep(cfg: DemoConfig, out: Path, log) -> dict:
     weights = sorted(set(cfg.sweep.weights) | {cfg.generate.sampling.guidance})
     folder, start, by_w = out / "sweep", time.perf_counter(), {}
     for w in weights:
-        gen = dataclasses.replace(cfg.generate, prompts=prompts, num_frames=cfg.diffusion.data.num_frames,
-                                  batch_size=len(prompts), name=f"w{w:g}", out_dir=str(folder),
-                                  sampling=dataclasses.replace(cfg.generate.sampling, guidance=w))
+        gen = first_chunk_config(cfg, prompts, folder, f"w{w:g}",
+                                 sampling=dataclasses.replace(cfg.generate.sampling, guidance=w))
         graded = grade(generate(gen, log), folder)
         by_w[f"{w:g}"] = {"w": w, "all": adherence(graded),
                           "held_out": adherence([g for g in graded if g["prompt"] in held_out]),
