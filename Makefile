@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py --config configs/demo/default.yaml
+	$(VENV)/bin/lvd-demo --config configs/demo/default.yaml
 
 demo-quick: $(STAMP)
-	$(PY) scripts/demo.py --config configs/demo/quick.yaml
+	$(VENV)/bin/lvd-demo --config configs/demo/quick.yaml
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -5,7 +5,7 @@ For each frame size and video length, times ``encode_video`` and ``decode_video`
 peak RSS above its value just before the call, sampled by a background thread (the input is allocated before).
 Chunking by ``--chunk-frames`` should keep peak(longest) / peak(shortest) near 1 (≤ 1.2) at each size.
 
-    python benchmarks/bench_autoencoder.py --sizes 64 --frames 16 64 256 --json outputs/bench_vae.json
+    python -m benchmarks.bench_autoencoder --sizes 64 --frames 16 64 256 --json outputs/bench_vae.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from autoencoder import AutoencoderConfig, AutoencoderKL, decode_video, encode_video, load_autoencoder
-from pipelines.core.devices import PeakMemory  # noqa: E402
+from pipelines.core.devices import PeakMemory
 
 MAX_RATIO = 1.2
 CONFIGS = {"sd": AutoencoderConfig.sd, "cpu4": lambda: AutoencoderConfig.cpu(4),

@@ -7,23 +7,19 @@
    KL(fitted Gaussian of the residuals ‖ the true conditional), for replacement and for reconstruction guidance
    at several weights ``w_r`` (the paper's claim, §3.1: replacement is incoherent, guidance fixes it).
 
-Example: python benchmarks/gaussian_oracles.py --samples 20000 --steps 250
+Example: python -m benchmarks.gaussian_oracles --samples 20000 --steps 250
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffusion import NoiseSchedule, get_sampler  # noqa: E402
+from diffusion import NoiseSchedule, get_sampler
 from diffusion.oracles import (
-    conditional_kl,  # noqa: E402
-    diagonal_oracle,  # noqa: E402
+    conditional_kl,
+    diagonal_oracle,
 )
 
 MEAN = torch.tensor([1.5, -0.5, 0.0, 2.0])  # the data of tests/test_sampling.py

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from pipelines.core.devices import matmul_peak_gflops
+
 
 def interleaved_rounds(variants: Sequence[str], measure: Callable[[str], dict], rounds: int,
                        describe: Callable[[str, dict], str]) -> tuple[dict[str, list[dict]], list[float]]:
     """``measure(variant)`` for every variant, ``rounds`` times in turn, printing ``describe(variant, result)``
     after each; returns the results per variant (in round order) and the peaks (GFLOP/s) around the rounds."""
-    from pipelines.core.devices import matmul_peak_gflops  # noqa: PLC0415 (the caller puts the repo on sys.path)
-
     peaks = [matmul_peak_gflops()["fp32_matmul_peak_gflops"]]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for round_ in range(rounds):

@@ -24,9 +24,9 @@ Measure on an idle machine: with other processes on the cores, torch's threads w
 operations slow down many times over (the script prints the load average and a note when it is high). A size
 that does not fit in memory is reported as failed, not measured (CPU subprocesses cap their address space).
 
-    python benchmarks/run.py --quick                       # toy sizes: every code path, figures meaningless
-    python benchmarks/run.py --out outputs/benchmarks/run.json     # the sizes above
-    python benchmarks/run.py --device cuda --dtype bf16    # utilisation against the measured bf16 matmul peak
+    python -m benchmarks.run --quick                       # toy sizes: every code path, figures meaningless
+    python -m benchmarks.run --out outputs/benchmarks/run.json     # the sizes above
+    python -m benchmarks.run --device cuda --dtype bf16    # utilisation against the measured bf16 matmul peak
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -46,19 +45,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_autoencoder import release_free_memory, track_rss_closely
+from diffusion import UNet3D, UNet3DConfig
+from pipelines.core.devices import PeakMemory, matmul_gflops, matmul_peak_gflops
 
-import psutil  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
-
-from benchmarks.bench_autoencoder import release_free_memory, track_rss_closely  # noqa: E402
-from benchmarks.bench_unet import DTYPES, run_diffusers, run_ours  # noqa: E402
-from diffusion import UNet3D, UNet3DConfig  # noqa: E402
-from pipelines.core.devices import PeakMemory, matmul_peak_gflops  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the repository: ``python -m benchmarks.run`` runs from it
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 TOKENS, CONTEXT_DIM = 77, 512  # text tokens given to both U-Nets by cross-attention
 OURS = dict(base_channels=80, channel_mult=[1, 2, 4], num_res_blocks=2, attention_levels=[0, 1], head_dim=32,
@@ -135,14 +133,6 @@ def side_by_side(cases: dict, warmup: int, repeat: int, device: torch.device) ->
     return times
 
 
-def matmul_gflops(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 3) -> float:
-    """Best-of-``repeats`` GFLOP/s of one ``size²`` matrix product in ``dtype``."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = min(timed(lambda: a @ b, device) for _ in range(repeats + 1))  # the first run warms up
-    return 2 * size**3 / best / 1e9
-
-
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
@@ -199,6 +189,16 @@ def diffusers_unet() -> torch.nn.Module:
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=CONTEXT_DIM, attention_head_dim=32,
     )
+
+
+def run_ours(net, z, t, context):
+    """Our U-Net's forward on ``z`` with token ``context`` (λ = 0)."""
+    return net(z, torch.zeros(z.shape[0], device=z.device), context=context)
+
+
+def run_diffusers(net, z, t, context):
+    """Diffusers' U-Net's forward on ``z`` at timestep ``t`` with token ``context``."""
+    return net(z, t, encoder_hidden_states=context).sample
 
 
 def num_params(net: torch.nn.Module) -> int:
@@ -359,7 +359,9 @@ def child_long_video(spec: dict, device: torch.device, dtype: torch.dtype) -> di
     from diffusion import Denoiser
     from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
     from pipelines.models.diffusion import DiffusionBundle
-    from pipelines.stages.generate import Plan, _Writer, autoregressive
+    from pipelines.stages.configs import GenerateConfig
+    from pipelines.stages.generate import _Writer
+    from pipelines.stages.long_video import autoregressive, chunk_count
 
     if device.type == "cpu":
         track_rss_closely()
@@ -374,20 +376,21 @@ def child_long_video(spec: dict, device: torch.device, dtype: torch.dtype) -> di
     vae = small_vae(spec["vae_base"]).to(device).eval().requires_grad_(False)
     sampling = SamplingConfig(sampler="ddim", steps=spec["steps"], guidance=0.0)
 
-    def plan(total: int) -> Plan:
-        return Plan(total, chunk, context, "reconstruction", 2.0, 0.0, sampling)
+    def plan(total: int) -> GenerateConfig:
+        return GenerateConfig(prompts=[""], num_frames=total, chunk_frames=chunk, context_frames=context,
+                              method="reconstruction", w_r=2.0, sampling=sampling)
 
     frames, sheet = spec["frames"], torch.linspace(0, spec["frames"] - 1, 16).round().long().tolist()
     writer = _Writer(vae, spec["decode_chunk"], 8.0, sheet)
     result: dict = {}
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        warm, _ = autoregressive(bundle, [""], plan(2 * chunk - context), torch.Generator(device).manual_seed(1))
+        warm, _ = autoregressive(bundle, [""], plan(2 * chunk - context), chunk, torch.Generator(device).manual_seed(1))
         writer.write(warm[0], Path(folder) / "warm.mp4", gif=False)
         del warm
 
         def run():
             start = time.perf_counter()
-            latents, _ = autoregressive(bundle, [""], plan(frames), torch.Generator(device).manual_seed(0))
+            latents, _ = autoregressive(bundle, [""], plan(frames), chunk, torch.Generator(device).manual_seed(0))
             sync(device)
             result["sampling_s"] = time.perf_counter() - start
             writer.write(latents[0], Path(folder) / "video.mp4", gif=False)
@@ -399,7 +402,7 @@ def child_long_video(spec: dict, device: torch.device, dtype: torch.dtype) -> di
         result["runs_s"] = [seconds for seconds, _ in runs]
         result["seconds"], result["sampling_s"] = min(runs)  # best of the runs: the least disturbed
     result["frames"] = frames
-    result["chunks"] = 1 + max(0, math.ceil((frames - chunk) / (chunk - context)))
+    result["chunks"] = chunk_count(plan(frames), chunk)
     result["decode_s"] = result["seconds"] - result["sampling_s"]  # decoding and MP4 writing
     result["sampling_s_per_chunk"] = result["sampling_s"] / result["chunks"]  # the first chunk has no guidance
     result["seconds_per_frame"] = result["seconds"] / frames
@@ -481,8 +484,8 @@ CHILDREN = {"pixel": child_pixel, "long_video": child_long_video, "vae_decode": 
 def run_child(kind: str, spec: dict, args) -> dict:
     """Run one measurement in a fresh interpreter (its own RSS), returning its result or ``{"error": ...}``."""
     spec = {**spec, "kind": kind, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads()}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    command = [sys.executable, "-m", "benchmarks.run", "--child", json.dumps(spec)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -685,7 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     peak = matmul_peak_gflops(8192 if device.type == "cuda" else s["matmul_size"], s["matmul_repeats"],
                               device=str(device))
-    bf16_small = matmul_gflops(s["bf16_size"], torch.bfloat16, device)
+    bf16_small = matmul_gflops(s["bf16_size"], 3, device, torch.bfloat16)
     machine = {
         "cpu": peak["cpu"], "threads": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -696,7 +699,7 @@ def main(argv: list[str] | None = None) -> dict:
     util_peak = peak["fp32_matmul_peak_gflops"]
     if dtype != torch.float32:
         size = 8192 if device.type == "cuda" else s["bf16_size"]
-        measured = matmul_gflops(size, dtype, device, s["matmul_repeats"])
+        measured = matmul_gflops(size, s["matmul_repeats"], device, dtype)
         machine[f"{args.dtype}_matmul_peak_gflops_{size}"] = round(measured, 1)
         util_peak = measured
     print(f"{machine['cpu']} | {machine['device']} | {machine['threads']} threads | fp32 matmul peak "

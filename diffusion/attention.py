@@ -2,8 +2,7 @@
 
 * ``xformers``: ``xformers.ops.memory_efficient_attention`` for CUDA tensors (imported lazily: xformers
   imports on CPU but has no CPU kernels).
-* ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient / CPU kernels); on the CPU, small
-  problems run as two batched matrix products instead, which is faster there (:func:`batched_matmul_attention`).
+* ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (flash / memory-efficient / CPU kernels).
 * ``math``: the plain reference ``softmax(q kᵀ/√d + bias) v``, for tests.
 
 Everything takes ``q, k, v`` as ``[B, heads, L, d]`` and a bias broadcastable to ``[B, heads, Lq, Lk]``.
@@ -26,9 +25,6 @@ from diffusion.config import BACKENDS
 from diffusion.config import AttentionBackend as Backend
 
 MAX_CUDA_BATCH = 32_768  # below the 65 535 grid limit, with room for the heads axis of some kernels
-# On the CPU, SDPA problems whose logits ``[B, heads, Lq, Lk]`` have at most this many elements (8 MiB in float32)
-# run as batched matrix products (faster there); larger ones keep the flash kernel's memory, linear in length.
-SMALL_CPU_LOGITS = 1 << 21
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,8 +76,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None, backe
     if bias is not None:
         bias = bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     kernel = {"xformers": _xformers_attention, "sdpa": _sdpa_attention, "math": math_attention}[name]
-    if name == "sdpa" and _small_on_cpu(q, k):
-        kernel = batched_matmul_attention
     if q.device.type != "cuda" or q.shape[0] <= MAX_CUDA_BATCH:
         return kernel(q, k, v, bias)
     chunks = [
@@ -98,31 +92,6 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) 
     if bias is not None:
         logits = logits + bias.float()
     return torch.einsum("bhij,bhjd->bhid", logits.softmax(dim=-1), v.float()).to(q.dtype)
-
-
-def _small_on_cpu(q: Tensor, k: Tensor) -> bool:
-    """Whether a CPU float32/64 problem is small enough (logits of at most ``SMALL_CPU_LOGITS`` elements) that
-    :func:`batched_matmul_attention` runs it faster than SDPA's CPU kernels."""
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_CPU_LOGITS)
-
-
-def batched_matmul_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``softmax(q kᵀ/√d + bias) v`` as two batched matrix products (the bias added inside the first, ``baddbmm``)
-    in the inputs' dtype: what the CPU runs for the small problems of a U-Net's attention. PyTorch's CPU flash
-    kernel works in blocks sized for long sequences, and with a bias that needs a gradient (the temporal
-    attention's relative positions) SDPA takes its math path, which checks for fully masked rows at every call.
-    On one thread of the development CPU, forward and backward at the demo U-Net's shapes ([B, heads, L, d]):
-    temporal [512, 2, 16, 16] with a bias 3.8 ms against 5.4, spatial [128, 4, 16, 16] 1.9 against 2.8,
-    [128, 2, 64, 16] 9.0 against 9.3, cross-attention [8, 4, 256, 16] to 16 tokens 1.4 against 2.5."""
-    b, heads, lq, d = q.shape
-    lk = k.shape[2]
-    q3, k3, v3 = q.reshape(b * heads, lq, d), k.reshape(b * heads, lk, d), v.reshape(b * heads, lk, d)
-    if bias is None:
-        logits = torch.bmm(q3, k3.transpose(1, 2)).mul_(d**-0.5)
-    else:
-        logits = torch.baddbmm(bias.reshape(b * heads, lq, lk), q3, k3.transpose(1, 2), alpha=d**-0.5)
-    return torch.bmm(logits.softmax(dim=-1), v3).view(b, heads, lq, d)
 
 
 def _sdpa_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:

@@ -60,8 +60,6 @@ class UNet3DConfig:
     emb_mlp_layers: int = 2  # paper: 2 or 4
     scale_shift_norm: bool = True  # FiLM the second norm of each block (False: add the embedding, as written)
     temporal_attention: bool = True
-    temporal_attention_levels: Optional[list[int]] = None  # levels with temporal attention (alone where spatial
-    # attention is off: f frames cost far less than h·w positions at full resolution); None: attention_levels
     max_relative_distance: int = 32  # relative positions beyond ±k frames share an embedding (Shaw et al.)
     frame_positions: int = 0  # > 0: also a learned absolute embedding of the frame index (0 = relative only)
     coordinates: bool = False  # also feed the network each pixel's (x, y) in [-1, 1] (CoordConv input channels)
@@ -75,19 +73,13 @@ class UNet3DConfig:
             raise ValueError(f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.emb_mlp_layers < 1:
             raise ValueError("emb_mlp_layers must be at least 1")
-        for name in ("attention_levels", "temporal_attention_levels"):
-            bad = [level for level in getattr(self, name) or () if not 0 <= level < len(self.channel_mult)]
-            if bad:
-                raise ValueError(f"{name} {bad} outside 0..{len(self.channel_mult) - 1}")
+        bad = [level for level in self.attention_levels if not 0 <= level < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} outside 0..{len(self.channel_mult) - 1}")
         for mult in self.channel_mult:
             if (mult * self.base_channels) % self.norm_groups:
                 raise ValueError(f"norm_groups={self.norm_groups} must divide every width "
                                  f"(base_channels × channel_mult), not {mult * self.base_channels}")
-
-    @property
-    def temporal_levels(self) -> list[int]:
-        """The levels with temporal attention: ``temporal_attention_levels``, or ``attention_levels`` when unset."""
-        return self.attention_levels if self.temporal_attention_levels is None else self.temporal_attention_levels
 
     @property
     def downsample_factor(self) -> int:

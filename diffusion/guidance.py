@@ -2,11 +2,8 @@
 ``denoise(z, logsnr) -> x̂``, so every sampler runs guided and conditional sampling unchanged.
 
 * :func:`classifier_free_guidance`: ``ε̃ = (1 + w) ε_θ(z, c) − w ε_θ(z)`` (paper §3.2, eq. 7), conditional and
-  unconditional in one batched forward pass; optionally with the field's two remedies for strong guidance:
-  guidance rescale (:func:`rescale_guidance`, Lin et al. 2024) and guidance limited to an interval of noise levels
+  unconditional in one batched forward pass, optionally limited to an interval of noise levels
   (:func:`in_interval`, Kynkäänniemi et al. 2024).
-* :func:`condition_guidance`: the same rule between any two conditionings of one network (e.g. a known-frames
-  network given the context and not given it).
 * :func:`temporal_conditioning`: sample ``x^b ~ p(x^b | x^a)`` for frames ``x^a`` known at any frame indices
   (paper §3.1), by the replacement (imputation) baseline or by reconstruction guidance
   ``x̃^b = x̂^b − (w_r α_t / 2) ∇_{z^b_t} ‖x^a − x̂^a_θ(z_t)‖²`` used inside the replacement scheme.
@@ -23,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion.noise import conditional_frame_noise
 from diffusion.schedule import alpha_sigma, append_dims
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
@@ -37,7 +33,6 @@ def classifier_free_guidance(
     null_conditioning: Mapping[str, Tensor],
     w: float,
     batched: bool = True,
-    rescale: float = 0.0,
     interval: Optional[Sequence[float]] = None,
     **net_kwargs,
 ) -> Denoise:
@@ -46,9 +41,8 @@ def classifier_free_guidance(
     ``model(z, logsnr, **conditioning, **net_kwargs) -> x̂`` is a :class:`~diffusion.denoiser.Denoiser`. Since x̂ is
     affine in ε̂ at fixed ``(z, λ)``, combining x̂'s with ``(1 + w, −w)`` is exactly the paper's ε combination.
     ``w = 0`` is the conditional model alone (one forward pass). ``batched`` runs both halves as one batch.
-    ``rescale`` (φ ∈ [0, 1]) blends in the guided estimate rescaled to the conditional one's standard deviation
-    (:func:`rescale_guidance`); ``interval = (λ_lo, λ_hi)`` guides only at noise levels inside it and uses the
-    conditional model elsewhere (:func:`in_interval`).
+    ``interval = (λ_lo, λ_hi)`` guides only at noise levels inside it and uses the conditional model elsewhere
+    (:func:`in_interval`).
     """
     def conditional(z: Tensor, logsnr: Tensor) -> Tensor:
         return model(z, logsnr, **conditioning, **net_kwargs)
@@ -69,31 +63,7 @@ def classifier_free_guidance(
             return conditional(z, logsnr)  # outside the interval: one forward pass
         x_cond, x_uncond = pair(z, logsnr)
         x = x_cond + w * (x_cond - x_uncond)
-        if rescale > 0:
-            x = rescale_guidance(x, x_cond, rescale)
         return torch.where(append_dims(active, z.ndim), x, x_cond)
-
-    return guided
-
-
-def condition_guidance(conditioned: Denoise, unconditioned: Denoise, w: float,
-                       interval: Optional[Sequence[float]] = None) -> Denoise:
-    """Classifier-free guidance on a condition other than the caption: ``x̂ = x̂_c + w (x̂_c − x̂_∅)`` between
-    ``conditioned``, the network given the condition, and ``unconditioned``, the same network without it (Ho &
-    Salimans 2021's rule; InstructPix2Pix, Brooks et al. 2023, and Stable Video Diffusion, Blattmann et al. 2023,
-    guide on their image condition so). For a network trained with known frames (``unet.known_frames``) the
-    condition is the context it is given as input, and the two halves are its conditional and unconditional
-    modes (``p_known`` of the training clips were given frames). ``interval`` as in :func:`in_interval`."""
-    if w == 0:
-        return conditioned
-
-    def guided(z: Tensor, logsnr: Tensor) -> Tensor:
-        x_c = conditioned(z, logsnr)
-        active = _active(z, logsnr, interval)
-        if not bool(active.any()):
-            return x_c
-        x = x_c + w * (x_c - unconditioned(z, logsnr))
-        return torch.where(append_dims(active, z.ndim), x, x_c)
 
     return guided
 
@@ -102,15 +72,6 @@ def _twice(net_kwargs: Mapping) -> dict:
     """Per-sample tensors among the network's other arguments (known frames, ``video_start [b]``), repeated for
     the batch that holds the conditional and the unconditional half; flags and counts pass as they are."""
     return {k: torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in net_kwargs.items()}
-
-
-def rescale_guidance(x_guided: Tensor, x_cond: Tensor, phi: float) -> Tensor:
-    """Lin et al. 2024 (*Common Diffusion Noise Schedules and Sample Steps are Flawed*, §3.4, eqs. 15–16):
-    ``x_rescaled = x_cfg · σ(x_pos) / σ(x_cfg)`` per sample, then ``φ x_rescaled + (1 − φ) x_cfg``; strong
-    guidance otherwise inflates the estimate's scale (over-exposed, over-saturated samples)."""
-    dims = tuple(range(1, x_guided.ndim))
-    ratio = x_cond.std(dim=dims, keepdim=True) / x_guided.std(dim=dims, keepdim=True).clamp_min(1e-12)
-    return phi * (x_guided * ratio) + (1 - phi) * x_guided
 
 
 def _active(z: Tensor, logsnr: Tensor | float, interval: Optional[Sequence[float]]) -> Tensor:
@@ -146,7 +107,6 @@ def temporal_conditioning(
     method: ConditionMethod = "reconstruction",
     w_r: float = 1.0,
     generator: Optional[torch.Generator] = None,
-    noise_correlation: float = 0.0,
     interval: Optional[Sequence[float]] = None,
 ) -> Denoise:
     """Condition on frames ``x^a`` (``x_known [b, c, k, h, w]``) at ``frame_index`` (k indices along f).
@@ -155,10 +115,6 @@ def temporal_conditioning(
     equivalent to replacing ``z^a_s`` after every step, since the next step sees the same input); with
     ``method="reconstruction"`` the unknown frames' estimate is then corrected by the gradient of the
     reconstruction error of the known frames (paper §3.1, eq. 8). The known frames' estimate is ``x^a`` itself.
-
-    For a model trained with frame-correlated noise (``noise_correlation`` ρ > 0, :mod:`diffusion.noise`) ε is
-    drawn from p(ε^a | ε̂^b), given the unknown frames' noise ``ε̂^b = (z^b − α x̂^b) / σ`` under the previous
-    call's estimate x̂^b (none yet: ``z^b / σ``); for DDIM that is exactly the noise the sampler carries.
 
     ``interval = (λ_lo, λ_hi)`` applies the reconstruction gradient only at noise levels inside it (a scheduled
     ``w_r``, as guidance intervals schedule ``w``); elsewhere the step is the replacement scheme's, which needs no
@@ -169,20 +125,10 @@ def temporal_conditioning(
     index = torch.as_tensor(list(frame_index), dtype=torch.long, device=x_known.device)
     if index.numel() != x_known.shape[2]:
         raise ValueError(f"{index.numel()} frame indices for {x_known.shape[2]} known frames")
-    previous: dict[str, Tensor] = {}
-
-    def known_noise(z: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        if noise_correlation == 0:
-            return torch.randn(x_known.shape, generator=generator, device=z.device, dtype=z.dtype)
-        unknown = torch.ones(z.shape[2], dtype=torch.bool, device=z.device)
-        unknown[index] = False
-        z_b = z[:, :, unknown]
-        x_b = previous["x0"][:, :, unknown] if "x0" in previous else torch.zeros_like(z_b)
-        return conditional_frame_noise((z_b - alpha * x_b) / sigma, index.numel(), noise_correlation, generator)
 
     def conditioned(z: Tensor, logsnr: Tensor) -> Tensor:
         alpha, sigma = (append_dims(v, z.ndim) for v in alpha_sigma(logsnr))
-        noise = known_noise(z, alpha, sigma)
+        noise = torch.randn(x_known.shape, generator=generator, device=z.device, dtype=z.dtype)
         z = z.clone()
         z[:, :, index] = alpha * x_known + sigma * noise  # z^a_t ~ q(z^a_t | x^a)
         guided = _active(z, logsnr, interval) if method == "reconstruction" and w_r else None
@@ -194,8 +140,6 @@ def temporal_conditioning(
             x0 = x0 - (weight * alpha / 2) * grad  # only the unknown frames' part is kept below
         x0 = x0.clone()
         x0[:, :, index] = x_known
-        if noise_correlation:  # the next call's estimate of the sampled frames' noise
-            previous["x0"] = x0.detach()
         return x0
 
     return conditioned

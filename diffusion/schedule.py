@@ -99,17 +99,6 @@ def eps_from_x0(z: Tensor, x0: Tensor, logsnr: Tensor) -> Tensor:
     return (z - alpha * x0) / sigma
 
 
-def target_for(prediction: Prediction, x0: Tensor, noise: Tensor, logsnr: Tensor) -> Tensor:
-    """The regression target of the raw network: ε, ``v = α ε − σ x`` or x."""
-    prediction = Prediction(prediction)
-    if prediction is Prediction.EPS:
-        return noise
-    if prediction is Prediction.V:
-        alpha, sigma = (append_dims(v, x0.ndim) for v in alpha_sigma(logsnr))
-        return alpha * noise - sigma * x0
-    return x0
-
-
 def posterior(z_t: Tensor, x0: Tensor, logsnr_t: Tensor, logsnr_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``q(z_s | z_t, x)`` for ``s < t`` (paper §2): ``(μ̃_{s|t}, σ̃²_{s|t}, σ²_{t|s})``.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -47,57 +48,8 @@ class FrameState:
     temporal_mask: Optional[Tensor] = None  # [f, f] additive (0 / −inf): the joint-training image mask
 
 
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters and checkpoints) that, on the CPU at tiny feature maps (≤ 4 positions,
-    the U-Net's 2×2 level), normalises each group as one layer-norm row and applies the affine after: PyTorch's
-    CPU group-norm kernel spends 0.8 ms there on a forward and backward of ``[128, 64, 2, 2]``, the layer-norm
-    form 0.5 (1.5 against 0.7 at 128 channels); from 4×4 up the native kernel is faster (one thread)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or x.shape[2] * x.shape[3] > 4:
-            return super().forward(x)
-        n, c = x.shape[:2]
-        y = F.layer_norm(x.reshape(n, self.num_groups, -1), (c // self.num_groups * x.shape[2] * x.shape[3],),
-                         eps=self.eps).view_as(x)
-        if not self.affine:
-            return y
-        return torch.addcmul(self.bias.view(1, c, 1, 1), y, self.weight.view(1, c, 1, 1))
-
-
-def _taps_2x2() -> Tensor:
-    """``[9, 16]`` zeros and ones: which of the 3×3 kernel taps joins output position ``p`` to input position ``q``
-    of a 2×2 map (column ``4p + q``, positions row-major). A matrix product with it gathers the kernel into the
-    dense matrix; its backward is another matrix product, where an indexed gather's is a slow scatter-add
-    (0.52 against 0.83 ms forward and backward at 64 → 64 channels, one thread)."""
-    row, col = torch.arange(4) // 2, torch.arange(4) % 2
-    tap = (row[None, :] - row[:, None] + 1) * 3 + (col[None, :] - col[:, None] + 1)  # [output, input]
-    return F.one_hot(tap.flatten(), 9).T.float()
-
-
-_TAPS_2X2 = _taps_2x2()
-
-
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and checkpoints) that runs a 3×3 convolution of a 2×2 map (stride 1, padding
-    1, the U-Net's lowest level) on the CPU as one dense matrix product. On a 2×2 map every output position sees
-    every input position, through the kernel tap at their offset, so the convolution is the matrix
-    ``[c_out·4, c_in·4]`` gathered from the kernel: 4 taps a position instead of 9 (5 of them fall on the zero
-    padding), and one matrix product instead of oneDNN's convolution, whose forward and backward took 3.1 ms
-    there against 2.2 (``[128, 64, 2, 2]``, 64 → 64 channels, one thread)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type != "cpu" or x.dim() != 4 or tuple(x.shape[2:]) != (2, 2) or self.kernel_size != (3, 3)
-                or self.stride != (1, 1) or self.padding != (1, 1) or self.dilation != (1, 1) or self.groups != 1):
-            return super().forward(x)
-        n, c = x.shape[:2]
-        taps = (self.weight.flatten(2) @ _TAPS_2X2.to(self.weight)).view(self.out_channels, c, 4, 4)
-        matrix = taps.permute(0, 2, 1, 3).reshape(self.out_channels * 4, c * 4)  # [(c_out, output), (c_in, input)]
-        bias = None if self.bias is None else self.bias.repeat_interleave(4)
-        return F.linear(x.reshape(n, c * 4), matrix, bias).view(n, self.out_channels, 2, 2)
-
-
-def _group_norm(channels: int, groups: int) -> GroupNorm:
-    return GroupNorm(min(groups, channels), channels, eps=1e-6)
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -110,9 +62,8 @@ def _zero(module: nn.Module) -> nn.Module:
 def pointwise(conv: nn.Conv2d, tokens: Tensor) -> Tensor:
     """A 1×1 convolution applied to channel-last tokens ``[..., c_in] -> [..., c_out]`` as one matrix product.
 
-    Attention works on tokens anyway, so its projections skip the NCHW convolution (on the CPU, oneDNN's 1×1
-    convolution at 8×8 took longer than the attention itself) while keeping the ``Conv2d`` parameters, so
-    checkpoints load unchanged."""
+    Attention works on tokens anyway, so its projections skip the NCHW convolution and its layout changes while
+    keeping the ``Conv2d`` parameters, so checkpoints load unchanged."""
     return F.linear(tokens, conv.weight.flatten(1), conv.bias)
 
 
@@ -156,11 +107,11 @@ class ResBlock(nn.Module):
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = _group_norm(cin, groups)
-        self.conv1 = Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, cout * (2 if scale_shift else 1))
         self.norm2 = _group_norm(cout, groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _zero(Conv2d(cout, cout, 3, padding=1))
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor, state: FrameState) -> Tensor:
@@ -181,6 +132,7 @@ class SpatialAttention(nn.Module):
     def __init__(self, channels: int, head_dim: int, groups: int, context_dim: int, backend: str):
         super().__init__()
         self.heads, self.backend = max(channels // head_dim, 1), backend
+        self.attend = partial(attention, backend=backend)  # diffusion.cpu_kernels.install may swap in a fast path
         self.norm = _group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
@@ -190,7 +142,7 @@ class SpatialAttention(nn.Module):
         n, c, h, w = x.shape
         qkv = pointwise(self.qkv, rearrange(self.norm(x), "n c h w -> n (h w) c"))
         q, k, v = rearrange(qkv, "n l (three m d) -> three n m l d", three=3, m=self.heads).unbind(0)
-        out = attention(q, k, v, backend=self.backend)  # [(b f), heads, h·w, d]
+        out = self.attend(q, k, v)  # [(b f), heads, h·w, d]
         out = pointwise(self.proj, rearrange(out, "n m l d -> n l (m d)"))
         x = x + rearrange(out, "n (h w) c -> n c h w", h=h, w=w)
         if self.cross is not None:
@@ -208,6 +160,7 @@ class CrossAttention(nn.Module):
     def __init__(self, channels: int, context_dim: int, heads: int, groups: int, backend: str):
         super().__init__()
         self.heads, self.backend = heads, backend
+        self.attend = partial(attention, backend=backend)
         self.norm = _group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.kv = nn.Linear(context_dim, 2 * channels)
@@ -225,7 +178,7 @@ class CrossAttention(nn.Module):
         queries = pointwise(self.q, rearrange(self.norm(x), "n c h w -> n (h w) c"))
         q = rearrange(queries, f"(b f) l (m d) -> {groups}", f=f, m=self.heads)
         k, v = rearrange(self.kv(context), "b t (two m d) -> two b m t d", two=2, m=self.heads).unbind(0)
-        out = rearrange(attention(q, k, v, backend=self.backend), f"{groups} -> (b f) l (m d)", f=f, l=h * w)
+        out = rearrange(self.attend(q, k, v), f"{groups} -> (b f) l (m d)", f=f, l=h * w)
         return x + rearrange(pointwise(self.proj, out), "n (h w) c -> n c h w", h=h, w=w)
 
 
@@ -239,6 +192,7 @@ class TemporalAttention(nn.Module):
     def __init__(self, channels: int, head_dim: int, groups: int, max_distance: int, backend: str):
         super().__init__()
         self.heads, self.backend, self.max_distance = max(channels // head_dim, 1), backend, max_distance
+        self.attend = partial(attention, backend=backend)
         self.norm = _group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.relative = nn.Parameter(torch.randn(2 * max_distance + 1, channels // self.heads) * 0.02)
@@ -262,7 +216,7 @@ class TemporalAttention(nn.Module):
         bias = self.relative_bias(q)
         if state.temporal_mask is not None:
             bias = bias + state.temporal_mask.to(bias.dtype)
-        out = attention(q, k, v, bias=bias, backend=self.backend)  # [(b h w), heads, f, d]
+        out = self.attend(q, k, v, bias)  # [(b h w), heads, f, d]
         out = pointwise(self.proj, rearrange(out, "n m f d -> n f (m d)"))
         return x + rearrange(out, "(b h w) f c -> (b f) c h w", h=h, w=w)
 
@@ -383,22 +337,22 @@ class UNet3D(nn.Module):
         if cfg.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def _attention(self, ch: int, spatial: bool = True, temporal: bool = True) -> list[nn.Module]:
-        """A spatial attention block, then (in a video model) a temporal one; either may be left out."""
+    def _attention(self, ch: int) -> list[nn.Module]:
+        """A spatial attention block, then (in a video model) a temporal one (paper §3)."""
         cfg = self.config
-        blocks: list[nn.Module] = []
-        if spatial:
-            blocks.append(SpatialAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim, cfg.attention_backend))
-        if temporal and cfg.temporal_attention:
+        blocks: list[nn.Module] = [SpatialAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.context_dim,
+                                                    cfg.attention_backend)]
+        if cfg.temporal_attention:
             blocks.append(TemporalAttention(ch, cfg.head_dim, cfg.norm_groups, cfg.max_relative_distance,
                                             cfg.attention_backend))
         return blocks
 
     def _stage(self, cin: int, cout: int, level: int, emb_dim: int) -> nn.ModuleList:
-        """A residual block, followed by spatial and temporal attention at their configured levels."""
+        """A residual block, followed by spatial and temporal attention at the configured levels."""
         cfg = self.config
         blocks = [ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm)]
-        blocks += self._attention(cout, spatial=level in cfg.attention_levels, temporal=level in cfg.temporal_levels)
+        if level in cfg.attention_levels:
+            blocks += self._attention(cout)
         return nn.ModuleList(blocks)
 
     def _run(self, blocks: nn.ModuleList, x: Tensor, state: FrameState) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion import Denoiser, UNet3D, UNet3DConfig
+from diffusion import Denoiser, UNet3D, UNet3DConfig, cpu_kernels
 
 
 def tiny_unet_config(**overrides) -> UNet3DConfig:
@@ -24,7 +24,8 @@ def randomise_temporal_layers(net: torch.nn.Module, seed: int = 0) -> None:
 
 
 def tiny_denoiser(prediction: str = "eps", **overrides) -> Denoiser:
-    """A :class:`Denoiser` over a random tiny U-Net in eval mode, every layer active."""
-    net = UNet3D(tiny_unet_config(**overrides))
+    """A :class:`Denoiser` over a random tiny U-Net in eval mode, every layer active, with the CPU fast paths
+    swapped in as the pipelines build it for a CPU."""
+    net = cpu_kernels.install(UNet3D(tiny_unet_config(**overrides)))
     randomise_temporal_layers(net)
     return Denoiser(net, prediction).eval()

@@ -168,15 +168,16 @@ def test_evaluating_an_autoencoder_on_held_out_frames(chain, tmp_path):
 def test_only_clips_cropped_from_a_videos_first_frame_are_told_they_start_it():
     """Frame positions mean "frame k of the video": a window cropped later never gets them, and a share
     ``p_unknown_start`` of the others trains the position-free mode that extension chunks are sampled in."""
+    from diffusion.config import UNet3DConfig
     from pipelines.models.config import DiffusionModelConfig
     from pipelines.stages.train_diffusion import SampleDraws, crop_and_append, draw_windows, video_start
 
     draws = SampleDraws(0, torch.arange(400), 400, torch.device("cpu"))
-    windows = draw_windows(draws, 6, 4, DiffusionModelConfig())
+    windows = draw_windows(draws, 6, 4, DiffusionModelConfig(unet=UNet3DConfig(), window="random"))
     clips = crop_and_append(torch.randn(400, 4, 6, 8, 8), windows, 4, 0, draws)
     first = windows.first
     assert clips.shape == (400, 4, 4, 8, 8) and set(first.tolist()) == {0, 1, 2}
-    assert windows.known is None and (windows.anchor == -1).all()
+    assert windows.known is None
     source_start = first + 3 * (torch.arange(400) % 2)  # odd clips were cut 3 frames into their video
     for p, expected in [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]:
         start = video_start({"source_start": source_start}, draws, p)
@@ -231,38 +232,30 @@ def test_known_first_frames_are_drawn_per_clip_and_left_out_of_the_loss():
     torch.testing.assert_close(loss, torch.stack([error[0, :, 2:].mean(), error[1].mean()]))
 
 
-def test_windows_start_their_clip_unless_given_frames_and_anchors_come_from_before_the_window():
+def test_windows_start_their_clip_unless_given_frames():
     """``model.window = first_unless_known``: a clip given no known frames is cropped at its first frame (a first
-    chunk starts its video), one given frames anywhere (an extension's context lies anywhere); with ``p_anchor``
-    a clip given 2+ frames shows an earlier frame of its clip in place of its window's first, as
-    ``generate.anchor_frames`` gives an extension chunk a frame of its first chunk."""
+    chunk starts its video), one given frames anywhere (an extension's context lies anywhere); the default crops
+    every clip anywhere."""
     from diffusion.config import UNet3DConfig
     from pipelines.models.config import DiffusionModelConfig
     from pipelines.stages.train_diffusion import SampleDraws, crop_and_append, draw_windows
 
-    m = DiffusionModelConfig(unet=UNet3DConfig(known_frames=True), window="first_unless_known", p_anchor=0.5)
+    model = DiffusionModelConfig(unet=UNet3DConfig(known_frames=True), window="first_unless_known")
     draws = SampleDraws(3, torch.arange(2000), 2000, torch.device("cpu"))
-    w = draw_windows(draws, 24, 16, m)
+    w = draw_windows(draws, 24, 16, model)
     assert (w.first[w.known == 0] == 0).all() and set(w.first[w.known > 0].tolist()) == set(range(9))
-    anchored = w.anchor >= 0
-    eligible = (w.known >= 2) & (w.first > 0)
-    assert not anchored[~eligible].any() and abs(anchored[eligible].float().mean().item() - 0.5) < 0.06
-    assert (w.anchor[anchored] < w.first[anchored]).all() and set(w.anchor[anchored].tolist()) == set(range(8))
     frames = torch.arange(24.0)[None, None, :, None, None].expand(2000, 1, 24, 1, 1)  # each frame holds its index
     shown = crop_and_append(frames, w, 16, 0, draws)[:, 0, :, 0, 0]
-    torch.testing.assert_close(shown[:, 1:], (w.first[:, None] + torch.arange(1, 16)).float())
-    torch.testing.assert_close(shown[:, 0], torch.where(anchored, w.anchor, w.first).float())
+    torch.testing.assert_close(shown, (w.first[:, None] + torch.arange(16)).float())
     plain = draw_windows(SampleDraws(3, torch.arange(2000), 2000, torch.device("cpu")), 24, 16,
-                         DiffusionModelConfig(unet=UNet3DConfig(known_frames=True)))
-    assert (plain.first[plain.known == 0] > 0).any() and (plain.anchor == -1).all()  # the default: anywhere
-    with pytest.raises(ValueError, match="p_anchor needs unet.known_frames"):
-        DiffusionModelConfig(p_anchor=0.5)
+                         DiffusionModelConfig(unet=UNet3DConfig(known_frames=True), window="random"))
+    assert (plain.first[plain.known == 0] > 0).any()  # "random": anywhere
 
 
-def test_training_noise_is_frame_correlated_as_the_config_says():
-    """``model.noise_correlation``: the training objective's ε is the per-sample draw mixed across the video
-    frames (PYoCo), appended images left independent; x̂ = z makes the loss a closed form of that ε."""
-    from diffusion import Denoiser, NoiseSchedule, frame_correlated, loss_weight
+def test_training_noise_is_each_samples_own_draw():
+    """The training objective's ε is the per-sample draw keyed by the sample's slot, appended images included;
+    x̂ = z makes the loss a closed form of that ε."""
+    from diffusion import Denoiser, NoiseSchedule, loss_weight
     from pipelines.models.conditioning import TextConditioning
     from pipelines.models.config import DiffusionModelConfig, TextConfig
     from pipelines.stages.train_diffusion import DiffusionObjective, SampleDraws
@@ -273,15 +266,13 @@ def test_training_noise_is_frame_correlated_as_the_config_says():
 
     schedule, x0 = NoiseSchedule(), torch.randn(3, 2, 5, 2, 2)
     batch = {"caption": ["a", "b", "c"], "source_start": torch.zeros(3, dtype=torch.long)}
-    for rho in (0.0, 0.6):
-        config = DiffusionModelConfig(noise_correlation=rho, p_uncond=0.0)
-        objective = DiffusionObjective(Denoiser(Copy(), "x"), TextConditioning(None, TextConfig(kind="none")),
-                                       schedule, config)
-        loss = objective(x0, batch, SampleDraws(0, torch.arange(3), 3, torch.device("cpu")), num_images=1)
-        draws = SampleDraws(0, torch.arange(3), 3, torch.device("cpu"))  # the same draws, in the same order
-        t, n = draws.times(), draws.normal((2, 5, 2, 2))
-        eps = frame_correlated(n, rho, frames=4)
-        logsnr = schedule.logsnr(t)
-        alpha, sigma = (torch.sigmoid(s * logsnr).sqrt()[:, None, None, None, None] for s in (1, -1))
-        expected = ((alpha - 1) * x0 + sigma * eps).pow(2).flatten(1).mean(1) * loss_weight(logsnr, "auto", "x")
-        torch.testing.assert_close(loss, expected)
+    config = DiffusionModelConfig(p_uncond=0.0)
+    objective = DiffusionObjective(Denoiser(Copy(), "x"), TextConditioning(None, TextConfig(kind="none")),
+                                   schedule, config)
+    loss = objective(x0, batch, SampleDraws(0, torch.arange(3), 3, torch.device("cpu")), num_images=1)
+    draws = SampleDraws(0, torch.arange(3), 3, torch.device("cpu"))  # the same draws, in the same order
+    t, eps = draws.times(), draws.normal((2, 5, 2, 2))
+    logsnr = schedule.logsnr(t)
+    alpha, sigma = (torch.sigmoid(s * logsnr).sqrt()[:, None, None, None, None] for s in (1, -1))
+    expected = ((alpha - 1) * x0 + sigma * eps).pow(2).flatten(1).mean(1) * loss_weight(logsnr, "auto", "x")
+    torch.testing.assert_close(loss, expected)

@@ -15,7 +15,7 @@ from pipelines.media.datasets import (
     ImageDataset,
     SkippedFileWarning,
     VideoClipDataset,
-    clip_indices,
+    clip_frame_indices,
     collate,
     load_captions,
     resize_crop,
@@ -114,19 +114,19 @@ def test_target_fps_derives_the_stride_from_the_video(folder):
 def test_starts_first_center_random():
     info = VideoInfo(num_frames=30, fps=10.0, height=8, width=8)
     rng = np.random.default_rng(0)
-    assert clip_indices(ClipSpec(num_frames=4, frame_stride=2, start="first"), info, rng).tolist() == [
+    assert clip_frame_indices(ClipSpec(num_frames=4, frame_stride=2, start="first"), info, rng).tolist() == [
         0,
         2,
         4,
         6,
     ]
-    assert clip_indices(ClipSpec(num_frames=4, frame_stride=2, start="center"), info, rng).tolist() == [
+    assert clip_frame_indices(ClipSpec(num_frames=4, frame_stride=2, start="center"), info, rng).tolist() == [
         11,
         13,
         15,
         17,
     ]
-    starts = {int(clip_indices(ClipSpec(num_frames=4, frame_stride=2), info, rng)[0]) for _ in range(300)}
+    starts = {int(clip_frame_indices(ClipSpec(num_frames=4, frame_stride=2), info, rng)[0]) for _ in range(300)}
     assert starts == set(range(0, 24))  # every start from 0 to 30 - 7 is drawn, and nothing else
 
 

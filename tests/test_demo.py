@@ -114,7 +114,7 @@ def test_quick_demo_runs_the_chain_and_reports(quick_demo):
 
 def test_extension_options_are_compared_on_the_same_prompts(quick_demo, tmp_path):
     """benchmarks/extension_options.py on the trained quick demo: every variant graded, the options applied."""
-    from benchmarks.extension_options import compare_extensions
+    from benchmarks.demo.extension_options import compare_extensions
 
     cfg = quick_demo[0]
     rows = compare_extensions(cfg, ["baseline", "context_8"], tmp_path / "options", log=lambda *a: None)
@@ -136,7 +136,7 @@ def test_first_chunks_grade_every_prompt_and_seed_and_count_wrong_frames(quick_d
     another shape's caption every frame is wrong; on the quick demo every prompt's chunk under every seed."""
     import numpy as np
 
-    from benchmarks.first_chunks import grade_chunk, measure, summarise
+    from benchmarks.demo.first_chunks import grade_chunk, measure, summarise
     from pipelines.demo.run import sweep_prompts, wire
     from pipelines.world.synthetic import WorldParams, render_clip
 

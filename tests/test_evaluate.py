@@ -20,9 +20,9 @@ from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.fvd import (
     I3D_FILE,
     I3D_URL,
-    clip_indices,
     extract_features,
     frechet_distance,
+    fvd_clip_indices,
     fvd_from_features,
     i3d_features,
     kernel_distance,
@@ -98,15 +98,15 @@ def test_kernel_distance_is_the_unbiased_polynomial_mmd():
 
 
 def test_clip_indices_follow_stylegan_v():
-    assert clip_indices(20, 8).tolist() == list(range(8))
-    assert clip_indices(20, 4, stride=3).tolist() == [0, 3, 6, 9]
-    starts = {int(clip_indices(20, 8, 2, "random", np.random.default_rng(s))[0]) for s in range(200)}
+    assert fvd_clip_indices(20, 8).tolist() == list(range(8))
+    assert fvd_clip_indices(20, 4, stride=3).tolist() == [0, 3, 6, 9]
+    starts = {int(fvd_clip_indices(20, 8, 2, "random", np.random.default_rng(s))[0]) for s in range(200)}
     assert starts == set(range(20 - 16 + 2))  # randint(0, n - f·s + s − 1), inclusive
     for s in range(50):
-        assert clip_indices(20, 8, 2, "random", np.random.default_rng(s))[-1] <= 19
-    assert clip_indices(8, 8, 1, "random", np.random.default_rng(0)).tolist() == list(range(8))
+        assert fvd_clip_indices(20, 8, 2, "random", np.random.default_rng(s))[-1] <= 19
+    assert fvd_clip_indices(8, 8, 1, "random", np.random.default_rng(0)).tolist() == list(range(8))
     with pytest.raises(ValueError, match="too short"):
-        clip_indices(7, 8)
+        fvd_clip_indices(7, 8)
 
 
 def test_detector_input_is_uint8_bcthw():
@@ -298,8 +298,8 @@ def test_world_analysis_reads_prompts_from_the_generation_record(tmp_path):
         params = world_params(i, spec)
         name = f"{i:03d}_world.mp4"
         write_video(folder / name, render_clip(params, spec), fps=spec.fps)
-        samples.append({"file": name, "prompt": params.caption, "method": "test", "index": i})
-    (folder / "generation_test.json").write_text(json.dumps({"samples": samples, "boundaries": [8]}))
+        samples.append({"file": name, "prompt": params.caption, "method": "test", "index": i, "boundaries": [8]})
+    (folder / "generation_test.json").write_text(json.dumps({"samples": samples}))
     metrics = evaluate(config(tmp_path, folder, folder, "metrics.world=true"), quiet)
     world = metrics["world"]
     assert world["videos"] == 4 and len(world["per_video"]) == 4

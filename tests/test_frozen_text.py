@@ -24,7 +24,8 @@ from pipelines.models.diffusion import load_diffusion, resolve_checkpoint
 from pipelines.models.text import OpenCLIPTextEncoder, SmallTextEncoder
 from pipelines.stages.configs import DiffusionTrainConfig, EncodeConfig, GenerateConfig
 from pipelines.stages.encode_latents import encode_latents
-from pipelines.stages.generate import Plan, autoregressive, generate
+from pipelines.stages.generate import generate
+from pipelines.stages.long_video import autoregressive
 from pipelines.stages.train_diffusion import train_diffusion
 from pipelines.world.config import WorldSpec
 from pipelines.world.synthetic import make_world
@@ -149,9 +150,9 @@ def _assert_checkpoint_and_bundle_keep_the_null(run, null: torch.Tensor) -> mode
 def _sample(bundle, w: float, seed: int = 0) -> torch.Tensor:
     """Latents of the prompts sampled as the generate stage samples them, guidance ``w``."""
     shape = bundle.latent_shape
-    plan = Plan(total=shape[1], chunk=shape[1], context=2, method="replacement", w_r=1.0, context_noise=0.0,
-                sampling=SamplingConfig(sampler="ddim", steps=3, guidance=w))
-    latents, _ = autoregressive(bundle, PROMPTS, plan, torch.Generator().manual_seed(seed))
+    plan = GenerateConfig(prompts=PROMPTS, num_frames=shape[1], context_frames=2, method="replacement", w_r=1.0,
+                          sampling=SamplingConfig(sampler="ddim", steps=3, guidance=w))
+    latents, _ = autoregressive(bundle, PROMPTS, plan, shape[1], torch.Generator().manual_seed(seed))
     return latents
 
 

@@ -15,7 +15,8 @@ from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextCo
 from pipelines.models.diffusion import DiffusionBundle
 from pipelines.models.text import SmallTextEncoder
 from pipelines.stages.configs import GenerateConfig
-from pipelines.stages.generate import Plan, _chunk_count, autoregressive, generate, hierarchical
+from pipelines.stages.generate import generate
+from pipelines.stages.long_video import anchor_index, autoregressive, chunk_count, hierarchical
 from tests.models import tiny_denoiser
 
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
@@ -30,19 +31,25 @@ def bundle() -> DiffusionBundle:
                            autoencoder=None)
 
 
-def _plan(total, method="reconstruction", chunk=6, context=2):
-    return Plan(total, chunk, context, method, 2.0, 0.0, SamplingConfig(sampler="ddim", steps=3, guidance=1.5))
+CHUNK = 6
+
+
+def _plan(total, method="reconstruction", context=2, **changes) -> GenerateConfig:
+    """Extension on the last ``context`` frames alone, unless ``changes`` add anchor frames."""
+    return GenerateConfig(prompts=PROMPTS, num_frames=total, context_frames=context, method=method, w_r=2.0,
+                          sampling=SamplingConfig(sampler="ddim", steps=3, guidance=1.5),
+                          **{"anchor_frames": 0, **changes})
 
 
 def test_autoregressive_extension_lengths_and_boundaries(bundle):
     chunks = []
     with torch.no_grad():
-        latents, boundaries = autoregressive(bundle, PROMPTS, _plan(20), torch.Generator().manual_seed(0),
+        latents, boundaries = autoregressive(bundle, PROMPTS, _plan(20), CHUNK, torch.Generator().manual_seed(0),
                                              on_chunk=chunks.append)
     assert latents.shape == (2, 4, 20, 8, 8) and torch.isfinite(latents).all()
     assert boundaries == [6, 10, 14, 18]
     assert [c.shape[2] for c in chunks] == [6, 4, 4, 4, 4]
-    assert len(chunks) == _chunk_count(_plan(20), GenerateConfig())
+    assert len(chunks) == chunk_count(_plan(20), CHUNK)
 
 
 def test_methods_share_the_first_chunk_and_differ_after(bundle):
@@ -50,10 +57,10 @@ def test_methods_share_the_first_chunk_and_differ_after(bundle):
     out = {}
     for method in ("reconstruction", "replacement"):
         with torch.no_grad():
-            out[method], _ = autoregressive(bundle, PROMPTS, _plan(10, method), torch.Generator().manual_seed(3))
+            out[method], _ = autoregressive(bundle, PROMPTS, _plan(10, method), CHUNK, torch.Generator().manual_seed(3))
     torch.testing.assert_close(out["reconstruction"][:, :, :6], out["replacement"][:, :, :6])
     assert not torch.allclose(out["reconstruction"][:, :, 6:], out["replacement"][:, :, 6:])
-    again, _ = autoregressive(bundle, PROMPTS, _plan(10), torch.Generator().manual_seed(3))
+    again, _ = autoregressive(bundle, PROMPTS, _plan(10), CHUNK, torch.Generator().manual_seed(3))
     torch.testing.assert_close(again, out["reconstruction"])  # deterministic given the seed
 
 
@@ -86,29 +93,12 @@ def test_a_network_trained_with_known_frames_is_given_the_context(bundle):
     assert later() is first and not torch.allclose(first(z, logsnr), reference(z, logsnr), atol=1e-4)
     with pytest.raises(ValueError, match="indices"):
         known_inputs(context, [5, 6], 6)
-    latents, boundaries = autoregressive(given, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    latents, boundaries = autoregressive(given, PROMPTS, _plan(14), CHUNK, torch.Generator().manual_seed(0))
     plain, _ = autoregressive(dataclasses.replace(given, denoiser=_without_known_frames(given.denoiser)), PROMPTS,
-                              _plan(14), torch.Generator().manual_seed(0))
+                              _plan(14), CHUNK, torch.Generator().manual_seed(0))
     assert latents.shape == (2, 4, 14, 8, 8) and boundaries == [6, 10]
     torch.testing.assert_close(latents[:, :, :6], plain[:, :, :6])  # the first chunk is given nothing
     assert not torch.allclose(latents[:, :, 6:], plain[:, :, 6:], atol=1e-4)
-
-
-@torch.no_grad()
-def test_context_guidance_extrapolates_each_extension_from_the_network_not_given_the_context(bundle):
-    """``context_guidance`` = w_c: an extension chunk is sampled with ``x̂ + w_c (x̂ − x̂ without the context
-    input)``; the first chunk (given nothing) is unchanged, and w_c = 0 is the plain extension."""
-    given = dataclasses.replace(bundle, denoiser=tiny_denoiser("v", known_frames=True))
-    plain, _ = autoregressive(given, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
-    guided, _ = autoregressive(given, PROMPTS, dataclasses.replace(_plan(14), context_guidance=2.0),
-                               torch.Generator().manual_seed(0))
-    torch.testing.assert_close(guided[:, :, :6], plain[:, :, :6])
-    assert not torch.allclose(guided[:, :, 6:], plain[:, :, 6:], atol=1e-4)
-    zero, _ = autoregressive(given, PROMPTS, dataclasses.replace(_plan(14), context_guidance=0.0),
-                             torch.Generator().manual_seed(0))
-    torch.testing.assert_close(zero, plain)
-    with pytest.raises(ValueError, match="context_guidance"):
-        GenerateConfig(context_guidance=-1.0)
 
 
 def _without_known_frames(denoiser):
@@ -122,60 +112,60 @@ def _without_known_frames(denoiser):
 
 def test_context_must_be_shorter_than_the_chunk(bundle):
     with pytest.raises(UserError, match="context_frames"):
-        autoregressive(bundle, PROMPTS, _plan(10, context=6), torch.Generator())
+        autoregressive(bundle, PROMPTS, _plan(10, context=6), CHUNK, torch.Generator())
     with pytest.raises(UserError, match="anchor_frames"):
-        autoregressive(bundle, PROMPTS, dataclasses.replace(_plan(10, context=3), anchor=3), torch.Generator())
+        autoregressive(bundle, PROMPTS, _plan(10, context=3, anchor_frames=3), CHUNK, torch.Generator())
     with pytest.raises(ValueError, match="anchor_frames"):
-        GenerateConfig(chunk_frames=6, context_frames=3, anchor_frames=3)
+        GenerateConfig(prompts=[""], chunk_frames=6, context_frames=3, anchor_frames=3)
 
 
 @torch.no_grad()
 def test_anchor_frames_condition_every_extension_on_the_first_chunk(bundle, monkeypatch):
     """``anchor_frames`` = m: each extension chunk is conditioned on m frames spread over the first chunk, placed
     before the last ``context`` frames, and samples ``chunk − m − context`` new frames."""
-    import pipelines.stages.generate as generate_module
+    import pipelines.stages.long_video as long_video
 
     seen = []
-    real = generate_module.temporal_conditioning
+    real = long_video.temporal_conditioning
 
     def spy(denoise, x_known, frame_index, *args):
         seen.append((x_known.clone(), list(frame_index)))
         return real(denoise, x_known, frame_index, *args)
 
-    monkeypatch.setattr(generate_module, "temporal_conditioning", spy)
-    plan = dataclasses.replace(_plan(14), anchor=2)
-    latents, boundaries = autoregressive(bundle, PROMPTS, plan, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(long_video, "temporal_conditioning", spy)
+    plan = _plan(14, anchor_frames=2)
+    latents, boundaries = autoregressive(bundle, PROMPTS, plan, CHUNK, torch.Generator().manual_seed(0))
     assert latents.shape == (2, 4, 14, 8, 8) and boundaries == [6, 8, 10, 12]
-    assert len(seen) == 4 == _chunk_count(plan, GenerateConfig()) - 1
-    assert generate_module.anchor_index(6, 2) == [2, 3] and generate_module.anchor_index(16, 1) == [8]
+    assert len(seen) == 4 == chunk_count(plan, CHUNK) - 1
+    assert anchor_index(6, 2) == [2, 3] and anchor_index(16, 1) == [8]
     for (known, index), start in zip(seen, boundaries):
         assert index == [0, 1, 2, 3]
         torch.testing.assert_close(known[:, :, :2], latents[:, :, [2, 3]])  # the anchor: always the first chunk's
         torch.testing.assert_close(known[:, :, 2:], latents[:, :, start - 2 : start])  # the context: the last frames
-    plain, _ = autoregressive(bundle, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
+    plain, _ = autoregressive(bundle, PROMPTS, _plan(14), CHUNK, torch.Generator().manual_seed(0))
     torch.testing.assert_close(plain[:, :, :6], latents[:, :, :6])  # the first chunk is the same
 
 
 def test_hierarchical_keeps_the_keyframes_and_fills_the_rest(bundle):
-    plan, skip = _plan(13), 4
-    keys, _ = autoregressive(bundle, PROMPTS, Plan(**{**plan.__dict__, "total": 4}), torch.Generator().manual_seed(5))
+    skip = 4
+    plan = _plan(13, mode="hierarchical", frame_skip=skip)
+    keys, _ = autoregressive(bundle, PROMPTS, plan, CHUNK, torch.Generator().manual_seed(5), total=4)
     chunks = []
-    video, starts = hierarchical(bundle, bundle, PROMPTS, plan, skip, torch.Generator().manual_seed(5),
+    video, starts = hierarchical(bundle, bundle, PROMPTS, plan, CHUNK, torch.Generator().manual_seed(5),
                                  on_chunk=chunks.append)
     assert video.shape == (2, 4, 13, 8, 8)
     torch.testing.assert_close(video[:, :, ::skip], keys)  # keyframes come back unchanged
-    assert starts == [4, 8] and len(chunks) == 3
+    assert starts == [4, 8] and len(chunks) == 4  # the keyframes' one chunk, then three infill windows
     assert (video.flatten(3).abs().sum(-1) > 0).all()  # every frame was filled
-    config = GenerateConfig(mode="hierarchical", frame_skip=skip)
-    assert _chunk_count(plan, config) == 1 + len(chunks)
+    assert chunk_count(plan, CHUNK) == len(chunks)
 
 
 def test_generate_writes_videos_of_the_asked_length(chain, tmp_path):
     overrides = [f"model={chain['diffusion']}", "prompts=[a red circle moving left,a green square moving up]",
                  "num_frames=14", "context_frames=2", "sampling.steps=2", f"out_dir={tmp_path}", "gif=true",
-                 "decode_chunk_frames=4", "raw_frames=true"]
+                 "decode_chunk_frames=4", "raw_frames=true", "anchor_frames=0"]
     summary = generate(load_config(GenerateConfig, None, overrides), log=lambda *a: None)
-    assert len(summary["samples"]) == 2 and summary["boundaries"] == [6, 10]
+    assert len(summary["samples"]) == 2 and all(s["boundaries"] == [6, 10] for s in summary["samples"])
     for sample in summary["samples"]:
         frames = read_frames(tmp_path / sample["file"])
         assert frames.shape == (14, 32, 32, 3)
@@ -191,31 +181,3 @@ def test_generate_writes_videos_of_the_asked_length(chain, tmp_path):
         np.testing.assert_array_equal(generated_frames({"file": sample["file"]}, tmp_path), frames)
     assert (tmp_path / "contact_sheet_reconstruction.png").is_file()
     assert json.loads((tmp_path / "generation_reconstruction.json").read_text())["chunks"] == 3
-
-
-@torch.no_grad()
-def test_a_model_trained_with_correlated_noise_samples_from_it(bundle):
-    """``model.noise_correlation``: the start z_1 of every chunk is frame-correlated noise, as in training, and
-    long videos come out whole and reproducible."""
-    from pipelines.models.diffusion import sample
-
-    correlated = dataclasses.replace(bundle, model=dataclasses.replace(bundle.model, noise_correlation=0.8))
-    starts = []
-
-    def spy(z, logsnr):
-        starts.append(z.clone())
-        return torch.zeros_like(z)
-
-    shape, sampling = (4, 4, 6, 16, 16), SamplingConfig(sampler="ddim", steps=2, guidance=0.0)
-    for model in (bundle, correlated):
-        sample(model, spy, shape, sampling, torch.Generator().manual_seed(0))
-    for z, expected in zip(starts[::2], (0.0, 0.8)):
-        frames = z.transpose(0, 2).reshape(6, -1)  # [f, everything else]
-        correlation = torch.corrcoef(frames)[~torch.eye(6, dtype=torch.bool)]
-        assert abs(float(correlation.mean()) - expected) < 0.05
-    latents, _ = autoregressive(correlated, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
-    again, _ = autoregressive(correlated, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
-    plain, _ = autoregressive(bundle, PROMPTS, _plan(14), torch.Generator().manual_seed(0))
-    assert latents.shape == (2, 4, 14, 8, 8) and torch.isfinite(latents).all()
-    torch.testing.assert_close(latents, again)
-    assert not torch.allclose(latents, plain, atol=1e-4)

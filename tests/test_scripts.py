@@ -68,7 +68,7 @@ def test_unknown_key_and_wrong_type_exit_2_naming_the_key():
     ("train_diffusion", "run.checkpoint_every=0", "checkpoint_every"),
     ("train_autoencoder", "run.batch_size=0", "batch_size"),
     ("generate", "prompts=[]", "prompts"),
-    ("generate", "context_noise=1.5", "context_noise"),
+    ("generate", "w_r=-1", "w_r"),
     ("train_diffusion", "model.p_uncond=2", "p_uncond"),
     ("encode_latents", "videos_per_shard=0", "videos_per_shard"),
 ])
@@ -82,7 +82,7 @@ def test_missing_inputs_are_one_line_errors_with_exit_2(tmp_path):
     result = run("encode_latents", f"autoencoder={tmp_path / 'nope'}", f"videos=[{tmp_path}]")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "nope" in result.stderr
-    result = run("generate", f"model={tmp_path / 'missing'}")
+    result = run("generate", f"model={tmp_path / 'missing'}", "prompts=[a red circle]")
     assert result.returncode == 2 and "no diffusion checkpoint" in result.stderr
 
 
@@ -95,9 +95,10 @@ def test_internal_errors_keep_their_traceback():
         raise RuntimeError("a real bug")
 
     with pytest.raises(RuntimeError, match="a real bug"):
-        main(GenerateConfig, buggy, "", argv=[])
+        main(GenerateConfig, buggy, "", argv=["prompts=[a]"])
     with pytest.raises(SystemExit) as exit_info:
-        main(GenerateConfig, lambda config: (_ for _ in ()).throw(FileNotFoundError("no such file: x")), "", argv=[])
+        main(GenerateConfig, lambda config: (_ for _ in ()).throw(FileNotFoundError("no such file: x")), "",
+             argv=["prompts=[a]"])
     assert exit_info.value.code == 2
 
 

@@ -44,28 +44,6 @@ def test_temporal_layers_start_as_identity():
     assert not torch.allclose(net(z, logsnr, cond), per_frame, atol=1e-3)
 
 
-def test_temporal_attention_levels_apart_from_spatial_ones():
-    """``temporal_attention_levels`` puts temporal attention alone where spatial attention is off (level 0 here),
-    and none at a level it does not list; the middle block keeps its own; unset, it follows attention_levels."""
-    from diffusion.unet3d import SpatialAttention, TemporalAttention
-
-    def kinds(stages):
-        return [[type(m).__name__ for m in stage if isinstance(m, (SpatialAttention, TemporalAttention))]
-                for stage in stages]
-
-    both = _net(attention_levels=[1], temporal_attention_levels=[0, 1])
-    spatial_only = _net(attention_levels=[1], temporal_attention_levels=[])
-    assert kinds(both.down)[0] == ["TemporalAttention"]  # level 0's first block: temporal alone
-    assert kinds(both.down)[2] == ["SpatialAttention", "TemporalAttention"]  # level 1
-    assert all("TemporalAttention" not in k for k in kinds(spatial_only.down))
-    assert sum(isinstance(m, TemporalAttention) for m in spatial_only.modules()) == 1  # the middle block's
-    assert tiny_unet_config(attention_levels=[1]).temporal_levels == [1]
-    unset, listed = _net(), _net(temporal_attention_levels=[0, 1])  # tiny_unet_config: attention at levels 0, 1
-    assert kinds(unset.down) == kinds(listed.down) and kinds(unset.up) == kinds(listed.up)
-    with pytest.raises(ValueError, match="temporal_attention_levels"):
-        tiny_unet_config(temporal_attention_levels=[2])
-
-
 @torch.no_grad()
 def test_appended_images_ignore_the_video_frames():
     """Joint training: an appended image's output does not change when the video frames change."""
@@ -108,25 +86,50 @@ def test_sdpa_and_math_backends_agree():
 
 
 def test_small_cpu_attention_runs_as_batched_matmuls_equal_to_the_math_forward_and_backward(monkeypatch):
-    import diffusion.attention as attention_module
+    from diffusion import cpu_kernels
 
     q, k, v, bias = _qkv_bias(lq=7, lk=5)
     for b in (None, bias):
         ours = [t.clone().requires_grad_() for t in (q, k, v) + (() if b is None else (b,))]
         ref = [t.detach().clone().requires_grad_() for t in ours]
-        out, expected = attention_module.batched_matmul_attention(*ours), math_attention(*ref)
+        out, expected = cpu_kernels.batched_matmul_attention(*ours), math_attention(*ref)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
         weights = torch.randn_like(out)
         (out * weights).sum().backward(), (expected * weights).sum().backward()
         for mine, theirs in zip(ours, ref):
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-5)
     calls = []
-    monkeypatch.setattr(attention_module, "batched_matmul_attention", lambda *a: calls.append(a) or math_attention(*a))
-    attention(q, k, v, bias, backend="sdpa")
+    monkeypatch.setattr(cpu_kernels, "batched_matmul_attention", lambda *a: calls.append(a) or math_attention(*a))
+    cpu_kernels.small_cpu_attention(q, k, v, bias, backend="sdpa")
     assert len(calls) == 1  # 6 · 2 · 7 · 5 logits: small
-    monkeypatch.setattr(attention_module, "SMALL_CPU_LOGITS", 6 * 2 * 7 * 5 - 1)
-    attention(q, k, v, bias, backend="sdpa")
+    cpu_kernels.small_cpu_attention(q, k, v, bias, backend="math")
+    assert len(calls) == 1  # another backend asked for: that one
+    monkeypatch.setattr(cpu_kernels, "SMALL_CPU_LOGITS", 6 * 2 * 7 * 5 - 1)
+    cpu_kernels.small_cpu_attention(q, k, v, bias, backend="sdpa")
     assert len(calls) == 1  # one element more than the limit: PyTorch's kernel
+
+
+@torch.no_grad()
+def test_cpu_kernels_install_into_a_network_without_changing_it():
+    """:func:`diffusion.cpu_kernels.install` swaps the fast paths in place: the same parameters and state dict, the
+    same outputs (to float32 rounding) on a U-Net whose lowest level is 2×2, and every tiny-map layer swapped."""
+    from diffusion import cpu_kernels
+
+    torch.manual_seed(0)
+    net = _net(channel_mult=[1, 2, 2])
+    z, logsnr, cond = _inputs()  # 8×8 latents: levels of 8, 4 and 2
+    randomise_temporal_layers(net)
+    before, state = net(z, logsnr, cond), {k: v.clone() for k, v in net.state_dict().items()}
+    params = [id(p) for p in net.parameters()]
+    assert cpu_kernels.install(net) is net
+    assert [id(p) for p in net.parameters()] == params
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    torch.testing.assert_close(net(z, logsnr, cond), before, rtol=1e-4, atol=1e-5)
+    kinds = {type(m) for m in net.modules()}
+    assert cpu_kernels.TinyMapGroupNorm in kinds and cpu_kernels.TinyMapConv2d in kinds
+    assert torch.nn.GroupNorm not in kinds
+    attends = [m.attend for m in net.modules() if hasattr(m, "attend")]
+    assert attends and all(a.func is cpu_kernels.small_cpu_attention for a in attends)
 
 
 def test_network_is_the_same_on_every_cpu_backend():
@@ -378,11 +381,11 @@ def _assert_same_function(ours, reference, x: torch.Tensor, params, tol: float) 
 
 @pytest.mark.parametrize("size", [1, 2, 4])
 def test_group_norm_equals_pytorchs_on_small_maps_forward_and_backward(size):
-    """The U-Net's group norm (the layer-norm form at ≤ 4 positions on the CPU) against PyTorch's."""
-    from diffusion.unet3d import GroupNorm
+    """The tiny-map group norm (the layer-norm form at ≤ 4 positions on the CPU) against PyTorch's."""
+    from diffusion.cpu_kernels import TinyMapGroupNorm
 
     torch.manual_seed(0)
-    norm = GroupNorm(4, 16, eps=1e-6)
+    norm = TinyMapGroupNorm(4, 16, eps=1e-6)
     torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
     x = (3 * torch.randn(6, 16, size, size) + 1).requires_grad_()
     reference = lambda t: torch.nn.functional.group_norm(t, 4, norm.weight, norm.bias, 1e-6)  # noqa: E731
@@ -391,11 +394,11 @@ def test_group_norm_equals_pytorchs_on_small_maps_forward_and_backward(size):
 
 @pytest.mark.parametrize("size, cin", [(2, 12), (2, 24), (4, 12)])
 def test_conv_equals_pytorchs_convolution_forward_and_backward(size, cin):
-    """The U-Net's 3×3 convolution (one dense matrix product at 2×2 maps on the CPU) against ``F.conv2d``."""
-    from diffusion.unet3d import Conv2d
+    """The tiny-map 3×3 convolution (one dense matrix product at 2×2 maps on the CPU) against ``F.conv2d``."""
+    from diffusion.cpu_kernels import TinyMapConv2d
 
     torch.manual_seed(0)
-    conv = Conv2d(cin, 16, 3, padding=1)
+    conv = TinyMapConv2d(cin, 16, 3, padding=1)
     x = torch.randn(5, cin, size, size, requires_grad=True)
     reference = lambda t: torch.nn.functional.conv2d(t, conv.weight, conv.bias, padding=1)  # noqa: E731
     _assert_same_function(conv, reference, x, (conv.weight, conv.bias), tol=1e-5)

@@ -19,7 +19,6 @@ from pipelines.world.synthetic import (
     boundary_jump_ratio,
     centres,
     centroid_track,
-    chunk_boundaries,
     classify_colour,
     make_world,
     motion_direction,
@@ -201,13 +200,6 @@ def test_jump_ratio_is_one_for_continuous_motion_and_large_for_spliced_clips():
     ]
     assert np.median(ratios) == pytest.approx(1.0, abs=0.1)  # over random clips, bounces included
     assert np.isnan(boundary_jump_ratio(continuous, []))
-
-
-def test_chunk_boundaries_mark_the_first_new_frame_of_each_extension():
-    assert chunk_boundaries(16, chunk_size=8) == [8]
-    assert chunk_boundaries(20, chunk_size=8, context=2) == [8, 14]  # extensions add 6 new frames each
-    with pytest.raises(ValueError):
-        chunk_boundaries(16, chunk_size=4, context=4)
 
 
 def test_parse_caption():

@@ -29,7 +29,7 @@ def generated_frames(sample: dict, videos: Path) -> np.ndarray:
 
 def grade(result: dict, videos: Path) -> list[dict]:
     """The analysis of every video of one :func:`pipelines.stages.generate.generate` result."""
-    return [analyse_video(generated_frames(s, videos), s["prompt"], result["boundaries"]) | {
+    return [analyse_video(generated_frames(s, videos), s["prompt"], s["boundaries"]) | {
         "prompt": s["prompt"], "file": s["file"]} for s in result["samples"]]
 
 

@@ -91,7 +91,7 @@ def load_i3d(path: str | os.PathLike | None, device: str | torch.device = "cpu")
 # ---------------------------------------------------------------------------------------------- clips
 
 
-def clip_indices(num_frames: int, frames: int, stride: int = 1, start: str = "first",
+def fvd_clip_indices(num_frames: int, frames: int, stride: int = 1, start: str = "first",
                  rng: np.random.Generator | None = None) -> np.ndarray:
     """Frame indices ``[frames]`` of one clip of a ``num_frames``-frame video: every ``stride``-th frame from
     frame 0 (``start="first"``) or from a uniformly random offset in ``[0, num_frames - frames * stride +

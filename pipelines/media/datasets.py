@@ -208,7 +208,7 @@ def frame_stride(spec: ClipSpec, fps: float) -> int:
     return spec.frame_stride
 
 
-def clip_indices(spec: ClipSpec, info: VideoInfo, rng: np.random.Generator, path: str = "") -> np.ndarray:
+def clip_frame_indices(spec: ClipSpec, info: VideoInfo, rng: np.random.Generator, path: str = "") -> np.ndarray:
     """Frame indices ``[num_frames]`` of one clip of a video described by ``info``.
 
     Raises:
@@ -370,7 +370,7 @@ class VideoClipDataset(MediaDataset):
         rng = np.random.default_rng(0)
         for path in tqdm(self.files, desc="probing videos", unit="file", leave=False):
             try:
-                clip_indices(self.spec, self._info(path), rng, str(path))
+                clip_frame_indices(self.spec, self._info(path), rng, str(path))
             except MediaReadError as error:
                 self.skip(path, error)
         self.files = [f for f in self.files if str(f) not in self.skipped]
@@ -379,7 +379,7 @@ class VideoClipDataset(MediaDataset):
 
     def _load(self, path: Path, rng: np.random.Generator) -> dict:
         """One clip of ``path``."""
-        indices = clip_indices(self.spec, self._info(path), rng, str(path))
+        indices = clip_frame_indices(self.spec, self._info(path), rng, str(path))
         frames = read_frames(path, indices)  # uint8 [f, H, W, 3]
         video = resize_crop(frames, self.spec.size, self.spec.crop, rng)  # [f, 3, h, w]
         return {

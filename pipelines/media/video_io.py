@@ -11,6 +11,7 @@ file sequentially. A file neither can read raises :class:`VideoReadError` naming
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tempfile
@@ -65,10 +66,22 @@ class VideoInfo:
 
 
 def _import_decord() -> Any:
-    """The decord module (a function so tests can replace it; raises ImportError off Linux x86-64)."""
+    """The decord module, its FFmpeg quiet (a function so tests can replace it; raises ImportError off Linux
+    x86-64).
+
+    decord's FFmpeg prints its decoders' complaints to stderr on every read of some real H.264 files ("A
+    non-intra slice in an IDR NAL unit", at FFmpeg's *error* level, for frames it decodes anyway); a read that
+    fails still raises, and reaches the user as a :class:`VideoReadError` naming the file."""
     import decord
 
+    _quiet(decord)
     return decord
+
+
+@functools.cache
+def _quiet(decord: Any) -> None:
+    """Silence decord's FFmpeg log once per process."""
+    decord.logging.set_level(decord.logging.QUIET)
 
 
 def _first_line(error: BaseException) -> str:

@@ -31,7 +31,8 @@ class TextConfig:
 class DiffusionModelConfig:
     """The network and its noise process (paper §2–3)."""
 
-    unet: UNet3DConfig = field(default_factory=UNet3DConfig)
+    unet: UNet3DConfig = field(default_factory=lambda: UNet3DConfig(known_frames=True))  # known frames: the
+    # network also learns to continue clips it is given the start of (docs/experiments/known-frames-network.md)
     prediction: Literal["eps", "v", "x"] = "eps"  # what the raw network predicts (paper §2)
     weighting: Literal["auto", "eps", "v", "x", "min_snr"] = "auto"  # w(λ) of the x̂-MSE; auto: the prediction's
     min_snr_gamma: float = 5.0  # min_snr weighting: min(e^λ, γ)
@@ -40,24 +41,16 @@ class DiffusionModelConfig:
     p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video
     p_known: float = 0.5  # with unet.known_frames: probability that a training clip is given its first frames
     max_known: int = 8  # with unet.known_frames: how many first frames at most (1..max_known, uniformly)
-    window: Literal["random", "first_unless_known"] = "random"  # where data.num_frames windows of longer cached
-    # clips lie: anywhere; or at a clip's first frame unless it is given known frames (then anywhere: an
-    # extension's context lies anywhere in a video, a first chunk starts one)
-    p_anchor: float = 0.0  # with unet.known_frames: probability that a clip given 2+ frames whose window starts
-    # after its clip's first frame is given, in place of its first frame, an earlier one (generate.anchor_frames)
-    noise_correlation: float = 0.0  # ρ of PYoCo's mixed noise (Ge et al. 2023): the frames of a clip share this
-    # fraction of their noise's variance, in training and sampling alike; 0: the paper's i.i.d. noise
+    window: Literal["random", "first_unless_known"] = "first_unless_known"  # where data.num_frames windows of
+    # longer cached clips lie: anywhere; or at a clip's first frame unless it is given known frames (then anywhere:
+    # an extension's context lies anywhere in a video, a first chunk starts one; docs/experiments/training-windows.md)
 
     def __post_init__(self) -> None:
-        for name in ("p_uncond", "p_unknown_start", "p_known", "p_anchor"):
+        for name in ("p_uncond", "p_unknown_start", "p_known"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
-        if not 0 <= self.noise_correlation < 1:
-            raise ValueError(f"noise_correlation must be in [0, 1), got {self.noise_correlation}")
         if self.max_known < 1:
             raise ValueError(f"max_known must be at least 1, got {self.max_known}")
-        if self.p_anchor > 0 and not self.unet.known_frames:
-            raise ValueError("p_anchor needs unet.known_frames (anchors are given as known frames)")
 
 
 @dataclass
@@ -67,7 +60,6 @@ class SamplingConfig:
     sampler: Literal["ancestral", "ddim", "pc"] = "ddim"  # pc: ancestral steps, each followed by Langevin ones
     steps: int = 50  # denoising steps from t = 1 to t = 0
     guidance: float = 1.0  # classifier-free guidance weight w (0: the conditional model alone)
-    guidance_rescale: float = 0.0  # φ of guidance rescale (Lin et al. 2024): 0 off, 0.7 their choice
     guidance_interval: Optional[list[float]] = None  # [λ_lo, λ_hi]: guide only at these log-SNRs (Kynkäänniemi
     # et al. 2024); null: at every noise level
     gamma: float = 0.3  # ancestral / pc: variance interpolation γ (paper: 0.3 for text-to-video)
@@ -81,8 +73,6 @@ class SamplingConfig:
                              f"{self.corrector_steps}")
         if self.guidance < 0:
             raise ValueError(f"guidance must be at least 0 (0: no guidance), got {self.guidance}")
-        if not 0 <= self.guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.guidance_interval is not None and (len(self.guidance_interval) != 2
                                                    or self.guidance_interval[0] > self.guidance_interval[1]):
             raise ValueError(f"guidance_interval must be [λ_lo, λ_hi] with λ_lo ≤ λ_hi, got {self.guidance_interval}")

@@ -20,9 +20,9 @@ from diffusion import (
     UNet3D,
     UNet3DConfig,
     classifier_free_guidance,
+    cpu_kernels,
     get_sampler,
     known_inputs,
-    noise_mixer,
 )
 from pipelines.core.checkpoint import latest_checkpoint, read_trainer_state
 from pipelines.core.config import UserError
@@ -99,9 +99,14 @@ class DiffusionBundle:
             return lambda z, logsnr: self.denoiser(z, logsnr, **net_kwargs)
         if isinstance(guidance, SamplingConfig):
             return classifier_free_guidance(self.denoiser, conditioning, self.null(), guidance.guidance,
-                                            rescale=guidance.guidance_rescale, interval=guidance.guidance_interval,
-                                            **net_kwargs)
+                                            interval=guidance.guidance_interval, **net_kwargs)
         return classifier_free_guidance(self.denoiser, conditioning, self.null(), guidance, **net_kwargs)
+
+
+def build_unet(config: UNet3DConfig, device: torch.device | str) -> UNet3D:
+    """The U-Net of ``config``, with :mod:`diffusion.cpu_kernels` swapped in when it runs on a CPU."""
+    net = UNet3D(config)
+    return cpu_kernels.install(net) if torch.device(device).type == "cpu" else net
 
 
 def build_unet_config(model: DiffusionModelConfig, text: TextConfig, text_encoder, channels: int) -> UNet3DConfig:
@@ -115,11 +120,9 @@ def sample(bundle: DiffusionBundle, denoise, shape: tuple[int, ...], sampling: S
            generator: torch.Generator, progress: bool = False) -> Tensor:
     """Run the configured sampler from ``z_1 ~ N(0, I)`` of ``shape``; ``generator`` lives on the model's device
     and draws every random number, so a seed fixes the result."""
-    noise = noise_mixer(bundle.model.noise_correlation)  # None: i.i.d.; else frame-correlated (as trained)
     z = torch.randn(shape, generator=generator, device=generator.device)
-    z = z if noise is None else noise(z)
     grid = NoiseSchedule.of(bundle.model.schedule).grid(sampling.steps).to(z.device)
-    return get_sampler(sampling.sampler)(denoise, z, grid, generator=generator, progress=progress, noise=noise,
+    return get_sampler(sampling.sampler)(denoise, z, grid, generator=generator, progress=progress,
                                          **sampling.knobs())
 
 
@@ -142,7 +145,7 @@ def load_diffusion(path: str | Path, device: torch.device | str = "cpu", use_ema
     info = read_trainer_state(directory)
     cfg = _from_saved({k: info["config"][k] for k in ("model", "text")}, SavedModel)
     text_encoder = build_text_encoder(cfg.text)
-    net = UNet3D(cfg.model.unet)
+    net = build_unet(cfg.model.unet, device)
     weights = "ema_unet" if use_ema and (directory / "ema_unet.safetensors").is_file() else "unet"
     net.load_state_dict(load_file(directory / f"{weights}.safetensors"))
     if text_encoder is not None and (directory / "text.safetensors").is_file():

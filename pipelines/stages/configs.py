@@ -98,35 +98,70 @@ class DiffusionTrainConfig:
 
 
 @dataclass
+class ConditionConfig:
+    """Frames the user brings (paper §3.1, conditional sampling): a clip to continue, an image to animate, a
+    low-frame-rate video to fill in, a small video to enlarge. Read with the project's video IO, resized and
+    cropped to the model's frames, encoded by the model's autoencoder; the output begins with (or, filling in,
+    contains) the given frames."""
+
+    video: Optional[str] = None  # a video file, or a folder of them (one output per file)
+    image: Optional[str] = None  # an image file, or a folder of them: image-to-video, the image as frame 0
+    task: Literal["continue", "interpolate", "upscale"] = "continue"  # what to do with condition.video
+    frames: Literal["last", "first"] = "last"  # continue: give the video's last or its first `count` frames
+    count: Optional[int] = None  # frames of the video given (null: continue: all of a video that fits in
+    # num_frames − 1, the model's frame rate; interpolate / upscale: every frame, as many as fit num_frames)
+    every: int = 4  # interpolate: the given frames become every s-th output frame, the frames between sampled
+    scale: int = 4  # upscale: the given video is the output at 1 / scale of its side
+    w_upscale: float = 1.0  # upscale: reconstruction weight of the low-resolution frames (paper §3.1)
+
+    def __post_init__(self) -> None:
+        if self.video is not None and self.image is not None:
+            raise ValueError("condition.video and condition.image: give one of them")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"condition.count must be at least 1, got {self.count}")
+        if self.every < 2 or self.scale < 2:
+            raise ValueError(f"condition.every and condition.scale must be at least 2, got {self.every}, {self.scale}")
+        if self.w_upscale <= 0:
+            raise ValueError(f"condition.w_upscale must be positive, got {self.w_upscale}")
+
+    @property
+    def given(self) -> bool:
+        """Whether the user gave frames."""
+        return self.video is not None or self.image is not None
+
+
+@dataclass
 class GenerateConfig:
-    """Long videos, ``scripts/generate.py``: a first chunk from noise, then extension conditioned on the last
-    frames (paper §3.1), or keyframes first and the frames between them after."""
+    """Long videos, ``scripts/generate.py``: from prompts, or from frames the user brings (``condition``): a first
+    chunk from noise (or the given frames), then extension conditioned on the last frames (paper §3.1), or
+    keyframes first and the frames between them after."""
 
     model: str = "outputs/diffusion"  # a diffusion training run (or one of its checkpoints)
     autoencoder: Optional[str] = None  # default: the VAE the model was trained with
-    prompts: list[str] = field(default_factory=lambda: ["a red circle moving right"])
+    prompts: list[str] = field(default_factory=list)  # one video each ("" for the null caption); with a
+    # condition: none (null caption), one for every input, or one per input file
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
     num_frames: int = 64  # frames of each video
     chunk_frames: Optional[int] = None  # frames per sampled chunk (default: the training clip length)
-    context_frames: int = 4  # k: frames each new chunk is conditioned on
+    context_frames: int = 3  # k: the last frames each new chunk is conditioned on
+    anchor_frames: int = 1  # m: frames of the first chunk (spread over it) every later chunk is also conditioned
+    # on, a fixed reference for what the scene looks like (docs/experiments/anchor-frames.md)
     method: Literal["reconstruction", "replacement"] = "reconstruction"  # paper §3.1: guidance, or imputation
-    w_r: float = 2.0  # reconstruction guidance weight (paper: > 1 helps)
+    w_r: float = 1.0  # reconstruction guidance weight; with a known-frames network a weak one keeps identity best
+    # (docs/experiments/known-frames-network.md; the paper's models, not given the context, used 9-50)
     w_r_interval: Optional[list[float]] = None  # [λ_lo, λ_hi]: the reconstruction gradient only at those noise
     # levels, replacement elsewhere (no backward pass there; null: everywhere)
-    context_noise: float = 0.0  # σ of the noise put on the latent context (0: exact context)
-    anchor_frames: int = 0  # m: frames of the first chunk (spread over it) every later chunk is also conditioned on
     known_input: bool = True  # a model trained with unet.known_frames is also given the context as input
     # (false: reconstruction guidance or replacement alone)
-    context_guidance: float = 0.0  # w_c: guidance on that input, x̂ + w_c (x̂ − x̂ not given the context)
-    context_guidance_interval: Optional[list[float]] = None  # [λ_lo, λ_hi]: w_c only there (null: everywhere)
     mode: Literal["autoregressive", "hierarchical"] = "autoregressive"
     frame_skip: int = 4  # hierarchical: keyframes this many frames apart
     keyframe_model: Optional[str] = None  # hierarchical: a model trained at that frame skip (default: model)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
-    batch_size: int = 4  # prompts sampled together
+    batch_size: int = 4  # videos sampled together
     decode_chunk_frames: int = 16  # frames per autoencoder decode call (memory stays flat in the length)
     out_dir: str = "outputs/generate"
-    name: str = ""  # file-name suffix, default: the method (and the mode when hierarchical)
+    name: str = ""  # file-name suffix, default: the method (and the mode or the condition's task)
     fps: float = 8.0
     gif: bool = False  # also write a .gif beside each .mp4
     raw_frames: bool = False  # also write each video's decoded frames losslessly, uint8 [f, H, W, 3] as .npy
@@ -135,27 +170,28 @@ class GenerateConfig:
     device: Device = "auto"
 
     def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("prompts must list at least one prompt")
         for name in ("num_frames", "context_frames", "frame_skip", "batch_size", "decode_chunk_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.context_noise < 1:
-            raise ValueError(f"context_noise must be in [0, 1), got {self.context_noise}")
         if self.anchor_frames < 0:
             raise ValueError(f"anchor_frames must be at least 0, got {self.anchor_frames}")
         if self.chunk_frames is not None and self.context_frames + self.anchor_frames >= self.chunk_frames:
             raise ValueError(f"context_frames plus anchor_frames must be below chunk_frames = {self.chunk_frames}, "
                              f"got {self.context_frames} + {self.anchor_frames}")
-        if self.context_guidance < 0:
-            raise ValueError(f"context_guidance must be at least 0, got {self.context_guidance}")
-        if self.context_guidance_interval is not None and len(self.context_guidance_interval) != 2:
-            raise ValueError(f"context_guidance_interval must be [lo, hi], got {self.context_guidance_interval}")
         interval = self.w_r_interval
         if interval is not None and (len(interval) != 2 or interval[0] > interval[1]):
             raise ValueError(f"w_r_interval must be [lo, hi] with lo <= hi, got {self.w_r_interval}")
         if self.w_r < 0 or self.fps <= 0:
             raise ValueError(f"w_r must be at least 0 and fps positive, got {self.w_r}, {self.fps}")
+        if self.condition.task == "upscale" and self.method != "reconstruction":
+            raise ValueError("condition.task=upscale enlarges by reconstruction guidance: it needs "
+                             "method=reconstruction (the low-resolution frames are not latent frames to replace)")
+        if self.condition.given and self.mode != "autoregressive":
+            raise ValueError("condition.*: given frames are continued, filled in or enlarged in "
+                             "mode=autoregressive (condition.task=interpolate is the hierarchical infill)")
+        if not self.prompts and not self.condition.given:
+            raise ValueError("prompts: give at least one prompt (\"\" for the null caption), or frames to start "
+                             "from (condition.video or condition.image)")
 
 
 @dataclass

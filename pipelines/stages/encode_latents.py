@@ -27,7 +27,7 @@ from pipelines.latents.shards import (
     text_identity,
     weights_hash,
 )
-from pipelines.media.datasets import VIDEO_EXTENSIONS, clip_indices, find_captions, resize_crop, scan_media
+from pipelines.media.datasets import VIDEO_EXTENSIONS, clip_frame_indices, find_captions, resize_crop, scan_media
 from pipelines.media.video_io import MediaReadError, read_frames, video_info
 from pipelines.models.text import build_text_encoder, is_trainable
 from pipelines.stages.configs import EncodeConfig
@@ -47,7 +47,7 @@ class _Clips(Dataset):
         path = self.files[v]
         try:
             rng = np.random.default_rng([self.seed, v, c])
-            indices = clip_indices(self.spec, video_info(path), rng, str(path))
+            indices = clip_frame_indices(self.spec, video_info(path), rng, str(path))
             video = resize_crop(read_frames(path, indices), self.spec.size, self.spec.crop, rng)
             return {"video": rearrange(video, "f c h w -> c f h w"), "path": str(path), "indices": indices.tolist()}
         except MediaReadError as error:

@@ -34,7 +34,7 @@ from pipelines.evaluation.fvd import (
     DETECTOR_KWARGS,
     I3D_URL,
     FeatureExtractor,
-    clip_indices,
+    fvd_clip_indices,
     fvd_from_features,
     i3d_hint,
     kernel_distance,
@@ -81,13 +81,13 @@ def _videos(folder: str, key: str) -> Side:
 
 def generation_records(folder: Path) -> dict[Path, tuple[str, list[int]]]:
     """``{video path: (prompt, chunk boundaries)}`` from the ``generation_*.json`` files under ``folder``
-    (``{"samples": [{"file", "prompt", ...}], "boundaries": [...]}``, file names relative to the JSON)."""
+    (``{"samples": [{"file", "prompt", "boundaries", ...}]}``, file names relative to the JSON)."""
     records = {}
     for manifest in sorted(folder.rglob("generation_*.json")):
         try:
             summary = json.loads(manifest.read_text(encoding="utf-8"))
-            boundaries = [int(b) for b in summary.get("boundaries", [])]
             for sample in summary["samples"]:
+                boundaries = [int(b) for b in sample.get("boundaries", [])]
                 records[(manifest.parent / sample["file"]).resolve()] = (str(sample["prompt"]), boundaries)
         except (OSError, ValueError, KeyError, TypeError) as error:
             warnings.warn(f"ignoring {manifest}: not a generation record ({error})", stacklevel=2)
@@ -117,7 +117,7 @@ def _read_clip(path: Path, m: MetricsConfig, start: str, rng: np.random.Generato
         MediaReadError: unreadable; ValueError: too short for a clip.
     """
     info = video_info(path)
-    indices = clip_indices(info.num_frames, m.frames_per_clip, m.frame_stride, start, rng)
+    indices = fvd_clip_indices(info.num_frames, m.frames_per_clip, m.frame_stride, start, rng)
     if not whole:
         return read_frames(path, indices), None
     frames = read_frames(path)

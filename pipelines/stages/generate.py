@@ -1,21 +1,18 @@
-"""Long videos from prompts (paper §3.1, "long videos"): the first chunk is sampled from noise, then each new
-chunk is conditioned on the last ``k`` latent frames generated so far, by reconstruction guidance (default) or
-replacement; a network trained with known frames (``unet.known_frames``) is also given the context as input.
-With ``anchor_frames`` the chunks are also conditioned on a few frames of the first chunk, placed before the context.
-The context never leaves latent space (no decode / re-encode drift); it may carry a small amount of noise. The
-paper's hierarchical mode samples sparse keyframes first, then fills the frames between them with the same
-conditional sampler (the keyframes reach the network through the guidance only). Latents are decoded chunk by
-chunk and streamed into the video file, so memory stays flat as the length grows.
+"""``scripts/generate.py``: videos of any length from prompts, or from frames the user brings (``condition``):
+continue a clip, animate an image, fill in a low-frame-rate video, enlarge a small one (paper §3.1).
+
+Inputs are read and checked first (:mod:`pipelines.stages.given`), so bad input stops the command before it
+writes anything. Latents are sampled batch by batch (:mod:`pipelines.stages.long_video`), then decoded chunk by
+chunk and streamed into each video file, so memory stays flat as the length grows. The given frames appear in the
+output as given (resized to the model's frames), not as their autoencoder reconstructions.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
-from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -23,117 +20,28 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from autoencoder import decode_video, load_autoencoder
-from diffusion import condition_guidance, temporal_conditioning
+from autoencoder import decode_video, encode_video, load_autoencoder
 from pipelines.core.config import UserError, config_to_dict, save_resolved_config
 from pipelines.core.devices import resolve_device
 from pipelines.core.files import atomic_write_json
 from pipelines.core.visual import save_png, tile, to_uint8
-from pipelines.models.config import SamplingConfig
-from pipelines.models.diffusion import DiffusionBundle, load_diffusion, sample
+from pipelines.media.config import ClipSpec
+from pipelines.models.diffusion import DiffusionBundle, load_diffusion
 from pipelines.stages.configs import GenerateConfig
+from pipelines.stages.given import GivenFrames, read_given
+from pipelines.stages.long_video import autoregressive, chunk_count, hierarchical, infill, upscale
 
 
 @dataclass
-class Plan:
-    """How one batch of videos is sampled."""
+class Job:
+    """A batch of videos sampled together: their prompts and, when the user gave frames, those."""
 
-    total: int  # frames wanted
-    chunk: int  # frames per sampled chunk
-    context: int  # k
-    method: str
-    w_r: float
-    context_noise: float
-    sampling: SamplingConfig
-    known_input: bool = True  # give a network trained with known frames the context as input
-    anchor: int = 0  # m: frames of the first chunk every later chunk is also conditioned on
-    context_guidance: float = 0.0  # w_c on the context given as input (known-frames networks)
-    context_guidance_interval: Optional[Sequence[float]] = None
-    w_r_interval: Optional[Sequence[float]] = None  # [λ_lo, λ_hi]: reconstruction guidance only there
+    prompts: list[str]
+    given: list[GivenFrames] = field(default_factory=list)
 
     @property
-    def known(self) -> int:
-        """Frames every extension chunk is conditioned on: the anchor frames, then the context."""
-        return self.anchor + self.context
-
-
-def _noisy(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
-    """``√(1 − σ²) x + σ ε``: a variance-preserving perturbation of the context latents."""
-    if sigma <= 0:
-        return x
-    noise = torch.randn(x.shape, generator=generator, device=x.device)
-    return math.sqrt(1 - sigma**2) * x + sigma * noise
-
-
-def anchor_index(chunk: int, anchor: int) -> list[int]:
-    """The ``anchor`` frames of a first chunk of ``chunk`` frames that later chunks are conditioned on, spread
-    evenly inside it (the middle one for one anchor), so one odd first frame does not become the reference."""
-    return torch.linspace(0, chunk - 1, anchor + 2)[1:-1].round().long().tolist()
-
-
-def autoregressive(bundle: DiffusionBundle, prompts: list[str], plan: Plan, generator: torch.Generator,
-                   on_chunk: Optional[Callable[[Tensor], None]] = None) -> tuple[Tensor, list[int]]:
-    """Latents ``[b, c, total, h, w]`` (on the CPU) and the indices where each extension chunk starts.
-
-    Each extension chunk is conditioned on the last ``plan.context`` frames and, with ``plan.anchor`` = m > 0,
-    also on m frames of the first chunk placed before them (paper §3.1 conditions on any known frames): a fixed
-    reference for what the object looks like, however long the video grows."""
-    if not 0 < plan.context or plan.anchor < 0 or plan.known >= plan.chunk:
-        raise UserError(f"context_frames (at least 1) plus anchor_frames must be below chunk_frames = {plan.chunk}, "
-                        f"got {plan.context} + {plan.anchor}")
-    c, _, h, w = bundle.latent_shape
-    base, later = bundle.chunk_denoisers(prompts, plan.sampling)
-    shape = (len(prompts), c, plan.chunk, h, w)
-    first = sample(bundle, base, shape, plan.sampling, generator)  # chunk 1: from noise
-    anchor = first[:, :, anchor_index(plan.chunk, plan.anchor)]
-    pieces, tail, produced, boundaries = [first.cpu()], first[:, :, -plan.context :], plan.chunk, []
-    if on_chunk:
-        on_chunk(first)
-    while produced < plan.total:
-        context = _noisy(torch.cat([anchor, tail], dim=2), plan.context_noise, generator)
-        given = later(context, range(plan.known), plan.chunk) if plan.known_input else later()
-        if plan.known_input and plan.context_guidance:
-            given = condition_guidance(given, later(), plan.context_guidance, plan.context_guidance_interval)
-        denoise = temporal_conditioning(given, context, range(plan.known), plan.method, plan.w_r, generator,
-                                        bundle.model.noise_correlation, plan.w_r_interval)
-        new = sample(bundle, denoise, shape, plan.sampling, generator)[:, :, plan.known :]
-        boundaries.append(produced)
-        pieces.append(new.cpu())
-        tail = torch.cat([tail, new], dim=2)[:, :, -plan.context :]
-        produced += new.shape[2]
-        if on_chunk:
-            on_chunk(new)
-    return torch.cat(pieces, dim=2)[:, :, : plan.total], [b for b in boundaries if b < plan.total]
-
-
-def hierarchical(keyframe_bundle: DiffusionBundle, bundle: DiffusionBundle, prompts: list[str], plan: Plan,
-                 skip: int, generator: torch.Generator, on_chunk=None) -> tuple[Tensor, list[int]]:
-    """Keyframes ``skip`` frames apart first (themselves extended autoregressively), then each window of
-    ``chunk`` frames sampled with its keyframes as the known frames (paper §3.1: frameskip 4, then infill)."""
-    num_keys = math.ceil((plan.total - 1) / skip) + 1
-    keys, _ = autoregressive(keyframe_bundle, prompts, Plan(**{**plan.__dict__, "total": num_keys}), generator)
-    length = (num_keys - 1) * skip + 1
-    b, c, _, h, w = keys.shape
-    video = torch.zeros(b, c, length, h, w)
-    known = torch.zeros(length, dtype=torch.bool)
-    video[:, :, ::skip], known[::skip] = keys, True
-    first, later = bundle.chunk_denoisers(prompts, plan.sampling)
-    step = max((plan.chunk - 1) // skip, 1) * skip  # windows share their boundary keyframe
-    starts = list(range(0, length - 1, step))
-    for start in starts:
-        base = first if start == 0 else later()  # keyframes reach the network only through the guidance
-        window = torch.arange(start, min(start + plan.chunk, length))
-        index = [i for i, f in enumerate(window.tolist()) if known[f]]
-        x_known = video[:, :, window[index]].to(generator.device)
-        denoise = temporal_conditioning(base, x_known, index, plan.method, plan.w_r, generator,
-                                        bundle.model.noise_correlation, plan.w_r_interval)
-        out = sample(bundle, denoise, (b, c, len(window), h, w), plan.sampling, generator).cpu()
-        fresh = ~known[window]
-        video[:, :, window[fresh]] = out[:, :, fresh]
-        known[window] = True
-        if on_chunk:
-            on_chunk(out)
-    return video[:, :, : plan.total], starts[1:]
+    def given_count(self) -> int:
+        return self.given[0].count if self.given else 0
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -141,18 +49,82 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "video"
 
 
+def output_name(cfg: GenerateConfig) -> str:
+    """The file-name suffix: ``cfg.name``, or the method with the mode or the condition's task."""
+    if cfg.name:
+        return cfg.name
+    if cfg.condition.image is not None:
+        return f"{cfg.method}_image"
+    if cfg.condition.video is not None:
+        return f"{cfg.method}_{cfg.condition.task}"
+    return cfg.method if cfg.mode == "autoregressive" else f"{cfg.method}_{cfg.mode}"
+
+
+def make_jobs(cfg: GenerateConfig, given: list[GivenFrames]) -> list[Job]:
+    """Batches of at most ``cfg.batch_size`` videos: one per prompt, or one per input whose prompt is the only
+    prompt, its own, or the null caption; inputs batch together only when they give as many frames."""
+    if not given:
+        return [Job(cfg.prompts[i : i + cfg.batch_size]) for i in range(0, len(cfg.prompts), cfg.batch_size)]
+    if len(cfg.prompts) not in (0, 1, len(given)):
+        raise UserError(f"prompts: {len(cfg.prompts)} prompts for {len(given)} inputs; give none, one, or one per "
+                        f"input")
+    prompts = cfg.prompts if len(cfg.prompts) == len(given) else (cfg.prompts or [""]) * len(given)
+    jobs: list[Job] = []
+    for prompt, item in zip(prompts, given):
+        if jobs and len(jobs[-1].prompts) < cfg.batch_size and jobs[-1].given_count == item.count \
+                and jobs[-1].given[0].video.shape == item.video.shape:
+            jobs[-1].prompts.append(prompt)
+            jobs[-1].given.append(item)
+        else:
+            jobs.append(Job([prompt], [item]))
+    return jobs
+
+
+def sample_job(job: Job, cfg: GenerateConfig, bundle: DiffusionBundle, keyframe_bundle: DiffusionBundle, vae,
+               chunk: int, generator: torch.Generator, on_chunk) -> tuple[Tensor, list[int]]:
+    """Latents ``[b, c, f, h, w]`` of one job and the output indices where its chunks after the first start."""
+    if not job.given:
+        if cfg.mode == "hierarchical":
+            return hierarchical(keyframe_bundle, bundle, job.prompts, cfg, chunk, generator, on_chunk)
+        return autoregressive(bundle, job.prompts, cfg, chunk, generator, on_chunk=on_chunk)
+    pixels = torch.stack([item.video for item in job.given]).to(generator.device)  # [b, 3, g, H, W]
+    if cfg.condition.task == "upscale" and cfg.condition.image is None:
+        return upscale(bundle, job.prompts, pixels, vae, cfg, chunk, generator, on_chunk)
+    latents = encode_video(vae, pixels)
+    if cfg.condition.task == "interpolate" and cfg.condition.image is None:
+        keys, starts = infill(bundle, job.prompts, latents, cfg.condition.every, cfg, chunk, generator, on_chunk)
+        if keys.shape[2] >= cfg.num_frames:
+            return keys[:, :, : cfg.num_frames], starts
+        video, more = autoregressive(bundle, job.prompts, cfg, chunk, generator, start=keys, on_chunk=on_chunk)
+        return video, starts + more
+    return autoregressive(bundle, job.prompts, cfg, chunk, generator, start=latents, on_chunk=on_chunk)
+
+
+def given_positions(cfg: GenerateConfig, count: int) -> list[int]:
+    """Output frame indices the given frames occupy (none when enlarging: the output is new at every frame)."""
+    if cfg.condition.image is not None:
+        return [0]
+    if cfg.condition.task == "upscale":
+        return []
+    if cfg.condition.task == "interpolate":
+        return list(range(0, (count - 1) * cfg.condition.every + 1, cfg.condition.every))
+    return list(range(count))
+
+
 class _Writer:
-    """Decode latents in chunks and write each video as it comes (memory flat in the length), keeping only the
-    frames a contact sheet shows; with ``raw_frames`` also the decoded frames, losslessly, as ``.npy``."""
+    """Decode latents in chunks and write each video as it comes (memory flat in the length), the given frames as
+    given, keeping only the frames a contact sheet shows; with ``raw_frames`` also every frame losslessly."""
 
     def __init__(self, vae, decode_chunk: int, fps: float, sheet_frames: list[int], raw_frames: bool = False):
         self.vae, self.decode_chunk, self.fps, self.sheet_frames = vae, decode_chunk, fps, sheet_frames
         self.raw_frames = raw_frames
 
     @torch.no_grad()
-    def write(self, latents: Tensor, path: Path, gif: bool) -> Tensor:
+    def write(self, latents: Tensor, path: Path, gif: bool, given: Optional[Tensor] = None,
+              positions: tuple[int, ...] = ()) -> Tensor:
         """Write one video ``latents [c, f, h, w]`` to ``path`` (and ``path.with_suffix(".npy")`` with
-        ``raw_frames``); returns its contact-sheet frames ``[3, n, H, W]``."""
+        ``raw_frames``), frames ``positions`` replaced by ``given [3, len(positions), H, W]``; returns its
+        contact-sheet frames ``[3, n, H, W]``."""
         from pipelines.media.video_io import FramesWriter, VideoWriter, write_gif
 
         device = next(self.vae.parameters()).device
@@ -162,6 +134,9 @@ class _Writer:
             for start in range(0, latents.shape[1], self.decode_chunk):
                 piece = latents[None, :, start : start + self.decode_chunk].to(device)
                 video = decode_video(self.vae, piece, self.decode_chunk)[0].clamp(-1, 1).cpu()  # [3, n, H, W]
+                for j, position in enumerate(positions):
+                    if start <= position < start + video.shape[1]:
+                        video[:, position - start] = given[:, j]
                 writer.write(video)
                 if lossless is not None:
                     lossless.write(video)
@@ -174,9 +149,21 @@ class _Writer:
         return torch.cat(shown, dim=1)
 
 
+def model_frame_size(bundle: DiffusionBundle, vae) -> tuple[int, int]:
+    """``(H, W)`` of the model's frames: its latent size times the autoencoder's factor."""
+    factor = vae.config.downsample_factor
+    return bundle.latent_shape[2] * factor, bundle.latent_shape[3] * factor
+
+
+def training_clip_spec(bundle: DiffusionBundle) -> Optional[ClipSpec]:
+    """The clip spec the model's training clips were cut with (its frame rate), when the run recorded it."""
+    clip = bundle.info.get("clip")
+    return None if clip is None else ClipSpec(**clip)
+
+
 @torch.no_grad()  # reconstruction guidance enables gradients for its own computation only
 def generate(cfg: GenerateConfig, log=print) -> dict:
-    """Generate ``cfg.prompts`` into ``cfg.out_dir``: videos, a contact sheet and ``generation.json``."""
+    """Generate into ``cfg.out_dir``: videos, a contact sheet and ``generation_<name>.json``."""
     device = resolve_device(cfg.device)
     bundle = load_diffusion(cfg.model, device, use_ema=cfg.use_ema)
     keyframe_bundle = load_diffusion(cfg.keyframe_model, device, cfg.use_ema) if cfg.keyframe_model else bundle
@@ -184,52 +171,54 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     if not vae_path:
         raise UserError("no autoencoder: set autoencoder=PATH (the model does not record one)")
     vae = load_autoencoder(vae_path, device=device)
+    given = read_given(cfg.condition, model_frame_size(bundle, vae), training_clip_spec(bundle),
+                       cfg.num_frames) if cfg.condition.given else []
+    jobs = make_jobs(cfg, given)  # every input read and checked: nothing is written before this line
+    chunk = cfg.chunk_frames or bundle.latent_shape[1]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, out, "generate.yaml")
-    plan = Plan(cfg.num_frames, cfg.chunk_frames or bundle.latent_shape[1], cfg.context_frames, cfg.method,
-                cfg.w_r, cfg.context_noise, cfg.sampling, cfg.known_input, cfg.anchor_frames, cfg.context_guidance,
-                cfg.context_guidance_interval, cfg.w_r_interval)
-    columns = min(cfg.num_frames, 16)
-    sheet_frames = torch.linspace(0, cfg.num_frames - 1, columns).round().long().tolist()
-    writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps, sheet_frames, cfg.raw_frames)
+    name = output_name(cfg)
+    total_frames = [_output_frames(cfg, job.given_count) for job in jobs]
+    columns = min(max(total_frames), 16)
+    samples, sheets, start = [], [], time.perf_counter()
+    bar = tqdm(total=sum(chunk_count(cfg, chunk, job.given_count) for job in jobs), desc=f"generating ({name})",
+               unit="chunk")
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    samples, sheets, boundaries, start = [], [], [], time.perf_counter()
-    name = cfg.name or (cfg.method if cfg.mode == "autoregressive" else f"{cfg.method}_{cfg.mode}")
-    batches = [cfg.prompts[i : i + cfg.batch_size] for i in range(0, len(cfg.prompts), cfg.batch_size)]
-    chunks = _chunk_count(plan, cfg) * len(batches)
-    bar = tqdm(total=chunks, desc=f"generating ({name})", unit="chunk")
-    for b, prompts in enumerate(batches):
-        if cfg.mode == "autoregressive":
-            latents, boundaries = autoregressive(bundle, prompts, plan, generator, on_chunk=lambda _: bar.update(1))
-        else:
-            latents, boundaries = hierarchical(keyframe_bundle, bundle, prompts, plan, cfg.frame_skip, generator,
-                                               on_chunk=lambda _: bar.update(1))
-        for i, prompt in enumerate(prompts):
-            index = b * cfg.batch_size + i
-            path = out / f"{index:03d}_{slug(prompt)}_{name}.mp4"
-            sheets.append(writer.write(latents[i], path, cfg.gif))
-            samples.append({"file": path.name, "prompt": prompt, "method": cfg.method, "index": index}
+    index = 0
+    for job, frames in zip(jobs, total_frames):
+        latents, boundaries = sample_job(job, cfg, bundle, keyframe_bundle, vae, chunk, generator,
+                                         on_chunk=lambda _: bar.update(1))
+        positions = tuple(given_positions(cfg, job.given_count)) if job.given else ()
+        writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps,
+                         torch.linspace(0, frames - 1, columns).round().long().tolist(), cfg.raw_frames)
+        for i, prompt in enumerate(job.prompts):
+            item = job.given[i] if job.given else None
+            stem = slug(item.source.stem if item is not None else prompt)
+            path = out / f"{index:03d}_{stem}_{name}.mp4"
+            shown = item.video[:, : len(positions)] if positions else None
+            sheets.append(writer.write(latents[i], path, cfg.gif, shown, positions))
+            samples.append({"file": path.name, "prompt": prompt, "method": cfg.method, "index": index,
+                            "num_frames": latents.shape[2], "boundaries": boundaries}
+                           | ({"source": str(item.source), "given_frames": list(positions)} if item else {})
                            | ({"frames": path.with_suffix(".npy").name} if cfg.raw_frames else {}))
+            index += 1
     bar.close()
     seconds = time.perf_counter() - start
     sheet = tile(to_uint8(torch.cat([s.movedim(1, 0) for s in sheets])), columns=columns)
     save_png(sheet, out / f"contact_sheet_{name}.png")
     summary = {
-        "samples": samples, "num_frames": cfg.num_frames, "chunk_frames": plan.chunk, "context_frames": plan.context,
-        "chunks": _chunk_count(plan, cfg), "boundaries": boundaries, "seconds": round(seconds, 2),
-        "frames_per_second": round(cfg.num_frames * len(cfg.prompts) / seconds, 3), "config": config_to_dict(cfg),
+        "samples": samples, "num_frames": cfg.num_frames, "chunk_frames": chunk, "context_frames": cfg.context_frames,
+        "chunks": chunk_count(cfg, chunk, jobs[0].given_count), "seconds": round(seconds, 2),
+        "frames_per_second": round(sum(s["num_frames"] for s in samples) / seconds, 3),
+        "config": config_to_dict(cfg),
     }
     atomic_write_json(out / f"generation_{name}.json", summary)
-    log(f"generated {len(samples)} videos × {cfg.num_frames} frames in {seconds:.1f} s → {out}")
+    log(f"generated {len(samples)} videos in {seconds:.1f} s → {out}")
     return summary
 
 
-def _chunk_count(plan: Plan, cfg: GenerateConfig) -> int:
-    """Sampled chunks per batch of prompts."""
-    if cfg.mode == "autoregressive":
-        return 1 + max(0, math.ceil((plan.total - plan.chunk) / (plan.chunk - plan.known)))
-    keys = math.ceil((plan.total - 1) / cfg.frame_skip) + 1
-    key_chunks = 1 + max(0, math.ceil((keys - plan.chunk) / (plan.chunk - plan.known)))
-    step = max((plan.chunk - 1) // cfg.frame_skip, 1) * cfg.frame_skip
-    return key_chunks + len(range(0, (keys - 1) * cfg.frame_skip, step))
+def _output_frames(cfg: GenerateConfig, given: int) -> int:
+    """Frames of each output video: ``num_frames``, or as many as given when enlarging."""
+    return given if given and cfg.condition.task == "upscale" and cfg.condition.image is None else cfg.num_frames
+

@@ -4,10 +4,10 @@
 :mod:`pipelines.core.loop` (processes, bf16, gradient accumulation, EMA, checkpoints, resume). This module adds
 what is the diffusion model's own: where clips come from and where their windows lie, joint image–video batches
 (paper §3), conditioning dropout for classifier-free guidance, frame-position policy, known first frames (and
-anchors) for a network trained for conditional generation, and sample videos.
+for a network trained for conditional generation, and sample videos.
 
 Every random draw of a training sample (its window, appended frames, noise level, noise, conditioning dropout,
-hidden start, known frames, anchor) comes from a generator keyed by the run's seed and the sample's *slot*, its
+hidden start, known frames) comes from a generator keyed by the run's seed and the sample's *slot*, its
 place in the sequence of all samples of the run. A slot does not depend on how the global batch is split into
 processes and micro-batches, so one process at batch 8, two at batch 4 and one at batch 4 with ``grad_accum=2``
 train the same model (up to floating-point reduction order). Network dropout is the one exception: it draws from
@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from autoencoder import decode_video, encode_video, load_autoencoder
-from diffusion import EMA, Denoiser, NoiseSchedule, UNet3D, diffusion_loss, frame_correlated
+from diffusion import EMA, Denoiser, NoiseSchedule, diffusion_loss
 from pipelines.core.config import ConfigError, UserError, config_to_dict
 from pipelines.core.files import atomic_write_json
 from pipelines.core.loop import (
@@ -46,7 +46,7 @@ from pipelines.latents.shards import LatentDataset
 from pipelines.media.datasets import ImageDataset, VideoClipDataset
 from pipelines.models.conditioning import TextConditioning
 from pipelines.models.config import DiffusionModelConfig
-from pipelines.models.diffusion import DiffusionBundle, build_unet_config, sample
+from pipelines.models.diffusion import DiffusionBundle, build_unet, build_unet_config, sample
 from pipelines.models.text import build_text_encoder
 from pipelines.stages.configs import DiffusionDataConfig, DiffusionTrainConfig
 
@@ -90,24 +90,24 @@ class DiffusionObjective(nn.Module):
     """The per-sample loss ``[b]`` of latent clips (EDM-short: the policies are the functions it calls), as one
     module so data parallelism wraps the U-Net and a trainable text encoder together."""
 
-    def __init__(self, denoiser: Denoiser, text: TextConditioning, schedule: NoiseSchedule, model_cfg):
+    def __init__(self, denoiser: Denoiser, text: TextConditioning, schedule: NoiseSchedule,
+                 model: DiffusionModelConfig):
         super().__init__()
-        self.denoiser, self.text, self.schedule, self.m = denoiser, text, schedule, model_cfg
+        self.denoiser, self.text, self.schedule, self.model = denoiser, text, schedule, model
 
     def forward(self, latents: Tensor, batch: dict, draws: SampleDraws, num_images: int,
                 known: Optional[Tensor] = None) -> Tensor:
         """``known``: how many first frames each clip is given ``[b]`` (:func:`draw_windows`); None: none."""
+        model = self.model
         conditioning, null = per_frame_conditioning(self.text, batch, latents.shape[2] - num_images)
-        extra = {"video_start": video_start(batch, draws, self.m.p_unknown_start)} if self.m.unet.frame_positions \
+        extra = {"video_start": video_start(batch, draws, model.p_unknown_start)} if model.unet.frame_positions \
             else {}
-        if self.m.unet.known_frames and known is not None:
+        if model.unet.known_frames and known is not None:
             mask = known_first_frames(known, latents.shape[2] - num_images, num_images)
             extra.update(known=latents, known_mask=mask, loss_mask=~mask[:, None, :, None, None])
-        return diffusion_loss(self.denoiser, latents, self.schedule, conditioning, null, self.m.p_uncond,
-                              self.m.weighting, self.m.min_snr_gamma, t=draws.times(),
-                              noise=frame_correlated(draws.normal(tuple(latents.shape[1:])),
-                                                     self.m.noise_correlation, latents.shape[2] - num_images),
-                              drop_uniform=draws.uniform(),
+        return diffusion_loss(self.denoiser, latents, self.schedule, conditioning, null, model.p_uncond,
+                              model.weighting, model.min_snr_gamma, t=draws.times(),
+                              noise=draws.normal(tuple(latents.shape[1:])), drop_uniform=draws.uniform(),
                               num_images=num_images, **extra)
 
 
@@ -133,36 +133,27 @@ class Windows:
 
     first: Tensor  # [b] the window's first frame within its clip
     known: Optional[Tensor]  # [b] first frames given as input (unet.known_frames), None without known frames
-    anchor: Tensor  # [b] the clip frame shown in place of the window's first frame, −1: none
 
 
-def draw_windows(draws: SampleDraws, clip_frames: int, num_frames: int, m: DiffusionModelConfig) -> Windows:
-    """Each clip's window of ``num_frames`` of its ``clip_frames`` cached frames, under the model config ``m``.
+def draw_windows(draws: SampleDraws, clip_frames: int, num_frames: int, model: DiffusionModelConfig) -> Windows:
+    """Each clip's window of ``num_frames`` of its ``clip_frames`` cached frames.
 
-    ``m.window = "random"``: anywhere. ``"first_unless_known"``: a clip given no known frames starts at its first
-    frame (a first chunk starts its video, and with ``unet.frame_positions`` learns the frame-0 prior), a clip
-    given known frames anywhere (an extension chunk's context lies anywhere in a video). With ``m.p_anchor`` a
-    clip given ``k ≥ 2`` frames whose window starts after its clip's first frame shows, in place of the window's
-    first frame, one from before the window: what ``generate.anchor_frames`` gives an extension chunk (a frame of
-    the first chunk before the last frames; paper §3.1 conditions on any known frames)."""
+    ``model.window = "random"``: anywhere. ``"first_unless_known"``: a clip given no known frames starts at its
+    first frame (a first chunk starts its video, and with ``unet.frame_positions`` learns the frame-0 prior), a
+    clip given known frames anywhere (an extension chunk's context lies anywhere in a video)."""
     if clip_frames < num_frames:
         raise ConfigError(f"data.num_frames: the data has {clip_frames}-frame clips, fewer than data.num_frames="
                           f"{num_frames}")
     first = draws.integers(clip_frames - num_frames + 1)[:, 0]
-    known = known_counts(draws, num_frames, m.p_known, m.max_known) if m.unet.known_frames else None
-    if m.window == "first_unless_known":
+    known = known_counts(draws, num_frames, model.p_known, model.max_known) if model.unet.known_frames else None
+    if model.window == "first_unless_known":
         first = torch.where(known > 0, first, 0) if known is not None else torch.zeros_like(first)
-    anchor = torch.full_like(first, -1)
-    if m.p_anchor > 0 and known is not None:
-        anchored = (draws.uniform() < m.p_anchor) & (known >= 2) & (first > 0)
-        earlier = torch.minimum((draws.uniform() * first).long(), (first - 1).clamp_min(0))
-        anchor = torch.where(anchored, earlier, anchor)
-    return Windows(first, known, anchor)
+    return Windows(first, known)
 
 
 def per_frame_conditioning(text: TextConditioning, batch: dict, frames: int) -> tuple[dict, Optional[dict]]:
-    """(conditioning, null) for the U-Net: per sample, or per frame ``[b, f + m, ...]`` when the batch carries
-    ``m`` appended images with captions of their own (``image_caption``: b lists of m)."""
+    """(conditioning, null) for the U-Net: per sample, or per frame ``[b, f + images, ...]`` when the batch carries
+    appended images with captions of their own (``image_caption``: b lists of ``images``)."""
     captions = list(batch["caption"])
     image_captions = [c for row in batch.get("image_caption", []) for c in row]
     cached = batch.get("cached_text")
@@ -175,9 +166,9 @@ def per_frame_conditioning(text: TextConditioning, batch: dict, frames: int) -> 
     video = {k: v[:b] for k, v in emb.items()}
     if not image_captions or not video:
         return video, null
-    m = len(image_captions) // b
+    images = len(image_captions) // b
     return {k: torch.cat([video[k][:, None].expand(b, frames, *v.shape[1:]),
-                          emb[k][b : b + b * m].reshape(b, m, *v.shape[1:])], dim=1)
+                          emb[k][b : b + b * images].reshape(b, images, *v.shape[1:])], dim=1)
             for k, v in video.items()}, null
 
 
@@ -190,13 +181,10 @@ def video_start(batch: dict, draws: SampleDraws, p_unknown_start: float) -> Tens
 
 
 def crop_and_append(latents: Tensor, windows: Windows, num_frames: int, images: int, draws: SampleDraws) -> Tensor:
-    """Each clip's window of ``num_frames`` frames (``windows``; an anchored window's first frame replaced by its
-    anchor), then ``images`` random frames of the same clip appended as independent images (paper §3, joint
-    training): ``[b, c, num_frames + images, h, w]``."""
+    """Each clip's window of ``num_frames`` frames (``windows``), then ``images`` random frames of the same clip
+    appended as independent images (paper §3, joint training): ``[b, c, num_frames + images, h, w]``."""
     f = latents.shape[2]
-    first, anchor = windows.first.to(latents.device), windows.anchor.to(latents.device)
-    window = first[:, None] + torch.arange(num_frames, device=latents.device)  # [b, num_frames]
-    window[:, 0] = torch.where(anchor >= 0, anchor, window[:, 0])
+    window = windows.first.to(latents.device)[:, None] + torch.arange(num_frames, device=latents.device)
     if images:
         window = torch.cat([window, draws.integers(f, images).to(latents.device)], dim=1)
     index = window[:, None, :, None, None].expand(-1, latents.shape[1], -1, *latents.shape[3:])
@@ -214,6 +202,7 @@ class _Source:
             manifest = self.dataset.manifest
             self.autoencoder = cfg.autoencoder or manifest["autoencoder"]
             self.shape = list(manifest["latent_shape"])
+            self.clip = manifest.get("clip")  # how the clips were cut: generate reads given videos alike
             self.use_cached_text = self.dataset.made_by_text_encoder(text_cfg)
             if manifest.get("has_cond") and not self.use_cached_text:
                 log("note: the shards' text embeddings come from another text encoder than text.*: not used")
@@ -221,6 +210,7 @@ class _Source:
         elif cfg.videos:
             self.dataset = VideoClipDataset(cfg.videos, cfg.clip, cfg.captions, seed=seed)
             self.autoencoder = cfg.autoencoder
+            self.clip = config_to_dict(cfg.clip)
             self._load_vae(device)
             factor = self.vae.config.downsample_factor
             self.shape = [self.vae.config.z_channels, cfg.clip.num_frames, cfg.clip.size // factor,
@@ -249,26 +239,26 @@ class _Source:
             return encode_video(self.vae, batch["video"].to(device), sample=True)
 
     def training_clips(self, batch: dict, device: torch.device, draws: SampleDraws,
-                       model_cfg: DiffusionModelConfig) -> tuple[Tensor, Windows]:
-        """Cropped clips with their appended images ``[b, c, f + m, h, w]`` and their windows
-        (:func:`draw_windows` under ``model_cfg``); each window's first frame in its source video
-        (``source_start``), cached text embeddings and image captions go into the batch."""
-        m = self.cfg.images_per_video
+                       model: DiffusionModelConfig) -> tuple[Tensor, Windows]:
+        """Cropped clips with their appended images ``[b, c, f + images, h, w]`` and their windows
+        (:func:`draw_windows`); each window's first frame in its source video (``source_start``), cached text
+        embeddings and image captions go into the batch."""
+        images = self.cfg.images_per_video
         clips = self.latents(batch, device)
-        windows = draw_windows(draws, clips.shape[2], self.cfg.num_frames, model_cfg)
-        latents = crop_and_append(clips, windows, self.cfg.num_frames, 0 if self.images else m, draws)
+        windows = draw_windows(draws, clips.shape[2], self.cfg.num_frames, model)
+        latents = crop_and_append(clips, windows, self.cfg.num_frames, 0 if self.images else images, draws)
         batch["source_start"] = batch["frame_indices"].to(device).gather(1, windows.first.to(device)[:, None])[:, 0]
         if self.use_cached_text:
             batch["cached_text"] = {k: batch[k] for k in ("cond", "context") if k in batch}
         if self.images is None:
             return latents, windows
         b = latents.shape[0]
-        picks = draws.integers(len(self.images), m).flatten().tolist()
+        picks = draws.integers(len(self.images), images).flatten().tolist()
         items = [self.images[i] for i in picks]
         pixels = rearrange(torch.stack([it["image"] for it in items]), "(b m) c h w -> b c m h w", b=b).to(device)
         with torch.no_grad():
             image_latents = encode_video(self.vae, pixels, sample=True)
-        batch["image_caption"] = [[it["caption"] for it in items[i * m : (i + 1) * m]] for i in range(b)]
+        batch["image_caption"] = [[it["caption"] for it in items[i * images : (i + 1) * images]] for i in range(b)]
         return torch.cat([latents, image_latents.to(latents.dtype)], dim=2), windows
 
 
@@ -282,7 +272,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, unet=build_unet_config(cfg.model, cfg.text, text.encoder, source.shape[0])))
     out = start_run(accelerator, cfg, cfg.run, "diffusion")
-    objective = DiffusionObjective(Denoiser(UNet3D(cfg.model.unet), cfg.model.prediction), text,
+    objective = DiffusionObjective(Denoiser(build_unet(cfg.model.unet, device), cfg.model.prediction), text,
                                    NoiseSchedule.of(cfg.model.schedule), cfg.model)
     optimizer = make_optimizer(objective.parameters(), cfg.optim)
     objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -291,15 +281,14 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     state = TrainingState(*_trained(raw, cfg.run.ema_decay, optimizer))
     state.maybe_resume(out / "checkpoints", cfg.run.resume, log, config_to_dict(cfg), ("model", "text"), accelerator)
     global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
-    m = cfg.data.images_per_video
 
     def loss(batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
         draws = SampleDraws(cfg.run.seed, batch["slot"], global_batch, device)
         clips, windows = source.training_clips(batch, device, draws, cfg.model)
-        value = objective(clips, batch, draws, m, windows.known).mean()
+        value = objective(clips, batch, draws, cfg.data.images_per_video, windows.known).mean()
         return value, {"loss": float(value.detach())}
 
-    info = {"latent_shape": source.shape, "autoencoder": source.autoencoder}
+    info = {"latent_shape": source.shape, "autoencoder": source.autoencoder, "clip": source.clip}
     checkpoint = lambda: state.save(accelerator, out / "checkpoints", config_to_dict(cfg),  # noqa: E731
                                     cfg.run.keep_checkpoints, info=info)
     samples = lambda step: _samples(cfg, accelerator, raw, state.emas, source,  # noqa: E731

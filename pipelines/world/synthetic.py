@@ -343,16 +343,6 @@ def motion_direction(track: np.ndarray, frames: int = 5, min_speed: float = 0.25
     return "down" if dy > 0 else "up"
 
 
-def chunk_boundaries(num_frames: int, chunk_size: int, context: int = 0) -> list[int]:
-    """First-frame indices of every chunk after the first, for a video generated as a first chunk of
-    ``chunk_size`` frames followed by extensions that each add ``chunk_size - context`` new frames
-    (conditioned on the last ``context`` frames): ``[chunk_size, 2 * chunk_size - context, ...]``."""
-    step = chunk_size - context
-    if step < 1:
-        raise ValueError("context must be smaller than chunk_size")
-    return list(range(chunk_size, num_frames, step))
-
-
 def boundary_jumps(track: np.ndarray, boundaries: Sequence[int]) -> list[float]:
     """Each boundary's jump over the median frame-to-frame motion inside chunks (NaN where the object is absent
     on either side, or nothing is left inside).

@@ -9,7 +9,7 @@ the wrong colour or the wrong shape (an object that flickers between shapes is r
 some of its frames). The wrong chunks are listed as ``caption -> what was drawn``.
 
     make demo                                                       # trains the model this measures
-    python benchmarks/first_chunks.py --config outputs/demo/demo_config.yaml --seeds 0 1 2 3
+    python -m benchmarks.demo.first_chunks --config outputs/demo/demo_config.yaml --seeds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def grade_chunk(frames, caption: str) -> dict:

@@ -4,16 +4,16 @@ a trained demo model: identity per chunk (colour and shape right), caption adher
 same prompts and seeds under each variant. A measurement, not a test: it prints a table and writes JSON.
 
 Variants change one thing against the demo's own generation config (``configs/demo/default.yaml``): more
-context frames, noise on the context, weaker or stronger reconstruction-guidance weights ``w_r``,
+context frames, weaker or stronger reconstruction-guidance weights ``w_r``,
 predictor–corrector steps or the ancestral sampler, no classifier-free guidance, replacement instead of
 reconstruction guidance, frames of the first chunk as an anchor besides the context, and (for a model trained
 with ``unet.known_frames``) the context left out of the network's input, so that only the guidance conditions on
 it.
 
     make demo                                                # trains the model this measures
-    python benchmarks/extension_options.py --out outputs/benchmarks/extension_options.json
-    python benchmarks/extension_options.py --frames 128 --variants baseline context_8
-    python benchmarks/extension_options.py --seeds 0 1 2 3 --variants baseline w_r_4 replacement guidance_only
+    python -m benchmarks.demo.extension_options --out outputs/benchmarks/extension_options.json
+    python -m benchmarks.demo.extension_options --frames 128 --variants baseline context_8
+    python -m benchmarks.demo.extension_options --seeds 0 1 2 3 --variants baseline w_r_4 replacement guidance_only
 """
 
 from __future__ import annotations
@@ -25,17 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.core.config import load_config  # noqa: E402
-from pipelines.demo.config import DemoConfig  # noqa: E402
+from pipelines.core.config import load_config
+from pipelines.demo.config import DemoConfig
 
 VARIANTS = {  # name: overrides of the demo's generate config (sampling keys under "sampling")
     "baseline": {},
     "context_4": {"context_frames": 4, "anchor_frames": 0},  # the demo's extension before anchor frames
     "context_3": {"context_frames": 3, "anchor_frames": 0},
     "context_8": {"context_frames": 8},
-    "context_noise_0.1": {"context_noise": 0.1},
     "w_r_0.5": {"w_r": 0.5},  # the demo extends with w_r = 1: a weaker weight and stronger ones beside it
     "w_r_2": {"w_r": 2.0},
     "w_r_4": {"w_r": 4.0},
@@ -64,13 +61,6 @@ VARIANTS = {  # name: overrides of the demo's generate config (sampling keys und
     "anchor_2_context_2": {"anchor_frames": 2, "context_frames": 2},
     "anchor_1_context_4": {"anchor_frames": 1, "context_frames": 4},
     "anchor_2_context_4": {"anchor_frames": 2, "context_frames": 4},
-    # guidance on the context given as input (known-frames models): x̂ + w_c (x̂ − x̂ not given it)
-    "no_context_guidance": {"context_guidance": 0.0},  # the demo guides on the context (w_c = 1 at high noise)
-    "context_guidance_1": {"context_guidance": 1.0},
-    "context_guidance_3": {"context_guidance": 3.0},
-    "context_guidance_1_high_noise": {"context_guidance": 1.0, "context_guidance_interval": [-20.0, -4.0]},
-    "context_guidance_2_high_noise": {"context_guidance": 2.0, "context_guidance_interval": [-20.0, -4.0]},
-    "context_guidance_0.5_high_noise": {"context_guidance": 0.5, "context_guidance_interval": [-20.0, -4.0]},
 }
 
 

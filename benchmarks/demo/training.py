@@ -8,7 +8,7 @@ Variants: ``one_process`` (one process with all of torch's threads: the demo bef
 runs on a 2-core machine, ``processes=0``). Both train the same model (the loss they log agrees).
 
     make demo                                          # writes the latents this trains on
-    python benchmarks/demo_training.py --steps 100 --rounds 2 --out outputs/benchmarks/demo_training.json
+    python -m benchmarks.demo.training --steps 100 --rounds 2 --out outputs/benchmarks/demo_training.json
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: ``python -m benchmarks.demo.training`` runs from it
 
 VARIANTS = {"one_process": 1, "two_processes": 2}
 
@@ -50,8 +49,9 @@ def child(variant: str, config: str, steps: int, out_dir: str) -> None:
 def run_variant(variant: str, args) -> dict:
     """One variant in a fresh subprocess; its summary (training seconds, wall seconds, final loss)."""
     with tempfile.TemporaryDirectory(prefix="demo_training_") as out:
-        done = subprocess.run([sys.executable, __file__, "--child", variant, "--config", args.config,
-                               "--steps", str(args.steps), "--work", out], capture_output=True, text=True, cwd=ROOT)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.demo.training", "--child", variant, "--config",
+                               args.config, "--steps", str(args.steps), "--work", out], capture_output=True, text=True,
+                              cwd=ROOT)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"{variant} failed (exit {done.returncode}): {done.stderr[-2000:]}")

@@ -8,25 +8,24 @@ It times the network alone (forward, backward and fused AdamW on random latents,
 given weights so every path computes), so a change to the network shows without the rest of the loop.
 
     git worktree add /tmp/before <commit>                   # the code to compare against
-    python benchmarks/demo_unet_step.py --roots /tmp/before . --rounds 3
+    python -m benchmarks.demo.unet_step --roots /tmp/before . --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def child(root: str, steps: int, threads: int, processes: int) -> None:
-    """Time ``steps`` training steps of the demo U-Net as ``root`` builds it; print the median as JSON."""
-    sys.path.insert(0, root)
+    """Time ``steps`` training steps of the demo U-Net as ``root`` builds it (its packages come first on the
+    path: :func:`run_root` sets ``PYTHONPATH``); print the median as JSON."""
     import torch  # noqa: PLC0415
 
     from diffusion import UNet3D  # noqa: PLC0415
@@ -76,7 +75,7 @@ def run_root(root: Path, args) -> dict:
     """One timing of ``root`` in a fresh subprocess."""
     done = subprocess.run([sys.executable, __file__, "--child", str(root), "--steps", str(args.steps),
                            "--threads", str(args.threads), "--processes", str(args.processes)],
-                          capture_output=True, text=True, cwd=root)
+                          capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"{root} failed (exit {done.returncode}): {done.stderr[-2000:]}")
@@ -96,7 +95,6 @@ def main() -> None:
     if args.child:
         return child(args.child, args.steps, args.threads, args.processes)
 
-    sys.path.insert(0, str(ROOT))
     from benchmarks.rounds import interleaved_rounds  # noqa: PLC0415
 
     roots = [str(Path(r).resolve()) for r in args.roots]
