@@ -1,6 +1,7 @@
 """Video reading (decord and PyAV paths, fallback, damaged files) and writing (round trips)."""
 
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -247,3 +248,23 @@ def test_float_frames_round_trip_to_uint8():
     video = as_float_frames(frames)
     assert video.shape == (3, 3, 8, 10) and video.dtype == torch.float32 and -1 <= video.min() <= video.max() <= 1
     np.testing.assert_array_equal(as_uint8_frames(video.movedim(1, 0)), frames)
+
+
+def test_native_decoder_messages_are_kept_off_the_terminal_and_summarised_once_per_file(capfd, tmp_path):
+    """decord's FFmpeg writes to file descriptor 2 ("A non-intra slice in an IDR NAL unit" on some real H.264
+    files): the reader keeps it off the terminal and says it once per file as a warning."""
+    import os
+
+    from pipelines.media import video_io
+
+    def noisy():
+        os.write(2, b"[h264 @ 0x1] A non-intra slice in an IDR NAL unit.\n[h264 @ 0x1] error while decoding\n")
+        return 7
+
+    path = str(tmp_path / "noisy.mp4")
+    with pytest.warns(video_io.DecoderLogWarning, match="A non-intra slice .*and 1 more lines"):
+        assert video_io._decord_quietly(path, noisy) == 7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second read of the same file: no second warning
+        assert video_io._decord_quietly(path, noisy) == 7
+    assert capfd.readouterr().err == ""

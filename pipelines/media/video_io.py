@@ -11,11 +11,13 @@ file sequentially. A file neither can read raises :class:`VideoReadError` naming
 
 from __future__ import annotations
 
-import functools
 import io
 import os
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -65,23 +67,51 @@ class VideoInfo:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _import_decord() -> Any:
-    """The decord module, its FFmpeg quiet (a function so tests can replace it; raises ImportError off Linux
-    x86-64).
+class DecoderLogWarning(UserWarning):
+    """What a decoder printed while it read a file it could read: one warning per file and process."""
 
-    decord's FFmpeg prints its decoders' complaints to stderr on every read of some real H.264 files ("A
-    non-intra slice in an IDR NAL unit", at FFmpeg's *error* level, for frames it decodes anyway); a read that
-    fails still raises, and reaches the user as a :class:`VideoReadError` naming the file."""
+
+def _import_decord() -> Any:
+    """The decord module (a function so tests can replace it; raises ImportError off Linux x86-64)."""
     import decord
 
-    _quiet(decord)
     return decord
 
 
-@functools.cache
-def _quiet(decord: Any) -> None:
-    """Silence decord's FFmpeg log once per process."""
-    decord.logging.set_level(decord.logging.QUIET)
+@contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """Collect what native code writes to file descriptor 2 while the block runs (the list gets the text)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", errors="replace"))
+
+
+_REPORTED: set[str] = set()
+
+
+def _decord_quietly(path: str | os.PathLike, call: Callable[[], Any]) -> Any:
+    """``call()`` (a decord read of ``path``) with decord's native log kept off the terminal: its FFmpeg prints
+    the decoders' complaints on every read of some real H.264 files ("A non-intra slice in an IDR NAL unit", at
+    FFmpeg's error level, for frames it decodes anyway) and its own "ERROR opening" lines before it raises. A
+    failed read raises as before (and reaches the user as a :class:`VideoReadError` naming the file); a read
+    that succeeded with a complaint is summarised in one :class:`DecoderLogWarning` per file."""
+    with _stderr_captured() as log:
+        result = call()
+    lines = [line for line in log[0].splitlines() if line.strip()]
+    if lines and str(path) not in _REPORTED:
+        _REPORTED.add(str(path))
+        more = f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else ""
+        warnings.warn(f"{path}: the decoder said: {lines[0].strip()}{more}", DecoderLogWarning, stacklevel=4)
+    return result
 
 
 def _first_line(error: BaseException) -> str:
@@ -221,7 +251,8 @@ def video_info(path: str | os.PathLike, backend: Backend = "auto") -> VideoInfo:
         VideoReadError: missing, empty, truncated or otherwise unreadable file.
     """
     return _with_fallback(
-        path, backend, {"decord": lambda: _decord_info(path), "pyav": lambda: _pyav_info(path)}
+        path, backend, {"decord": lambda: _decord_quietly(path, lambda: _decord_info(path)),
+                        "pyav": lambda: _pyav_info(path)}
     )
 
 
@@ -242,7 +273,8 @@ def read_frames(
     return _with_fallback(
         path,
         backend,
-        {"decord": lambda: _decord_read(path, indices), "pyav": lambda: _pyav_read(path, indices)},
+        {"decord": lambda: _decord_quietly(path, lambda: _decord_read(path, indices)),
+         "pyav": lambda: _pyav_read(path, indices)},
     )
 
 
