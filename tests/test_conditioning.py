@@ -14,7 +14,7 @@ import torch
 
 from pipelines.core.config import UserError, load_config
 from pipelines.media.datasets import resize_crop
-from pipelines.media.video_io import read_frames, read_image, write_video
+from pipelines.media.video_io import read_frames, read_image
 from pipelines.stages.configs import GenerateConfig
 from pipelines.stages.generate import generate
 from tests.videos import ffmpeg_clip, garbage_file, image_file

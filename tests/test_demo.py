@@ -1,15 +1,18 @@
-"""The main job's quick variant: the whole chain on the built-in world, with its report."""
+"""The main job's quick variant: the whole chain on the built-in world, and its report section by section."""
 
-import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from pipelines.core.config import load_config
 from pipelines.demo.config import DemoConfig
-from pipelines.demo.run import run_demo, video_distances
-from tests.test_evaluate import TinyI3D
+from pipelines.demo.margins import MET, NOT_MET, WITHIN_NOISE, paired_difference, verdict
+from pipelines.demo.run import METHODS, run_demo, video_distances
+from tests.models import TinyI3D
+
+quiet = lambda *args, **kwargs: None  # noqa: E731
 
 
 @pytest.fixture(scope="module")
@@ -20,96 +23,154 @@ def quick_demo(tmp_path_factory) -> tuple:
     torch.jit.script(TinyI3D().eval()).save(str(detector))
     cfg = load_config(DemoConfig, "configs/demo/quick.yaml", [f"out_dir={tmp_path}", f"metrics.i3d={detector}",
                                                               "metrics.frames_per_clip=8"])
-    return cfg, run_demo(cfg, log=lambda *a: None), tmp_path
+    return cfg, run_demo(cfg, log=quiet), tmp_path
 
 
-def test_quick_demo_runs_the_chain_and_reports(quick_demo):
+def test_the_report_is_written_as_json_and_markdown(quick_demo):
     cfg, report, tmp_path = quick_demo
-    saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved == json.loads(json.dumps(report))
-    for key in ("psnr", "ssim", "steps", "seconds"):
-        assert key in saved["autoencoder"]
-    assert {"steps", "seconds", "final_loss"} <= saved["diffusion"].keys()
-    assert {"num_frames", "chunks", "seconds", "peak_rss_mb"} <= saved["generation"].keys()
-    quality = saved["quality"]
-    assert 0 <= quality["color_accuracy"] <= 1 and 0 <= quality["direction_accuracy"] <= 1
-    assert set(quality["boundary_jump_ratio"]) == {"reconstruction_guidance", "replacement"}
-    methods = {s["method"] for s in saved["samples"]}
-    assert methods == {"reconstruction", "replacement"}
-    for sample in saved["samples"]:
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.count("![") >= 6 and (tmp_path / "identity_by_chunk.png").is_file()
+    assert all(t["what"] in markdown for t in report["targets"].values())
+    for sample in report["samples"]:
         assert (tmp_path / sample["file"]).is_file()
-    assert saved["generation"]["num_frames"] == cfg.generate.num_frames
-    manifest = json.loads((tmp_path / "work" / "latents" / "manifest.json").read_text())
-    assert manifest["latent_shape"][1] == cfg.world.spec.num_frames > cfg.diffusion.data.num_frames  # windows
-    runs = {m: json.loads((tmp_path / "videos" / f"generation_{m}.json").read_text())["config"]
-            for m in ("reconstruction", "replacement")}
-    assert runs["reconstruction"]["anchor_frames"] == cfg.generate.anchor_frames == 1  # as the default demo
-    assert runs["replacement"]["anchor_frames"] == 0 and not runs["replacement"]["known_input"]  # the paper's baseline
-    assert (tmp_path / "report.md").read_text().count("![") >= 4
-    distances = quality["video_distances"]
-    assert distances["computed"] and set(distances) == {"computed", "reconstruction", "replacement"}
-    for method in ("reconstruction", "replacement"):
-        assert distances[method]["fvd"] > 0 and distances[method]["clips"] == len(cfg.generate.prompts)
-    assert "FVD" in (tmp_path / "report.md").read_text()
-    for identity in quality["identity"].values():  # graded per chunk, over every video of the method
-        per_video = saved["generation"]["chunks"]
+
+
+def test_a_fresh_run_did_every_stage_and_is_timed(quick_demo):
+    cfg, report, _ = quick_demo
+    assert list(report["stages"]) == ["world", "autoencoder", "latents", "diffusion", "sweep", "generation",
+                                      "continuation", "grading"]
+    assert report["all_stages_ran"] and all(s["status"] == "run" for s in report["stages"].values())
+    assert report["targets"]["wall_seconds"]["verdict"] in (MET, NOT_MET)
+    assert report["wall_seconds"] >= sum(s["seconds"] for s in report["stages"].values()) > 0
+    assert "total_seconds_x_peak_gflops" not in report and "fp32_matmul_peak_gflops" in report["machine"]
+
+
+def test_a_rerun_into_the_same_folder_reuses_the_training_and_is_not_timed(quick_demo):
+    cfg, _, tmp_path = quick_demo
+    again = run_demo(cfg, log=quiet)
+    stages = again["stages"]
+    assert {name: stages[name]["status"] for name in ("world", "autoencoder", "latents", "diffusion")} == dict.fromkeys(
+        ("world", "autoencoder", "latents", "diffusion"), "reused")
+    assert stages["diffusion"]["recorded_seconds"] > 0 and not again["all_stages_ran"]
+    assert again["targets"]["wall_seconds"]["verdict"] == "not timed: world, autoencoder, latents, diffusion reused"
+    assert "not a timing" in (tmp_path / "report.md").read_text()
+
+
+def test_the_extension_runs_switch_off_one_piece_each(quick_demo):
+    cfg, report, tmp_path = quick_demo
+    runs = {m: json.loads((tmp_path / "videos" / f"generation_{m}.json").read_text())["config"] for m in METHODS}
+    ours, same_input, paper = (runs[m] for m in ("reconstruction", "replacement_same_input", "replacement"))
+    assert ours["method"] == "reconstruction" and same_input["method"] == paper["method"] == "replacement"
+    assert same_input["known_input"] == ours["known_input"] and same_input["anchor_frames"] == ours["anchor_frames"]
+    assert not paper["known_input"] and paper["anchor_frames"] == 0
+    assert {k: v for k, v in same_input.items() if k not in ("method", "name")} == {
+        k: v for k, v in ours.items() if k not in ("method", "name")}  # the gradient is the only difference
+    q = report["quality"]
+    assert set(q["identity"]) == set(q["jumps"]) == set(q["per_video"]) == set(METHODS)
+    for identity in q["identity"].values():  # graded per chunk, over every video of the method
+        per_video = report["generation"]["chunks"]
         assert identity["chunks"] == per_video * len(cfg.generate.prompts) and len(identity["by_chunk"]) == per_video
         assert identity["identity"] <= min(identity["colour"], identity["shape"])
-    assert (tmp_path / "identity_by_chunk.png").is_file() and (tmp_path / "guidance_sweep.png").is_file()
-    assert set(quality["shape_classifier_accuracy"]) == {"world_videos", "autoencoder_reconstructions"}
+
+
+def test_comparisons_are_met_only_beyond_their_bootstrap_interval(quick_demo):
+    _, report, _ = quick_demo
+    for name, target in report["targets"].items():
+        if target["target"] == "> 0":
+            lo, hi = target["interval"]
+            expected = MET if lo > 0 else NOT_MET if hi < 0 else WITHIN_NOISE
+            assert target["verdict"] == expected and lo <= target["value"] <= hi, name
+    comparisons = report["quality"]["comparisons"]
+    assert {"guidance_adherence", "guidance_identity", "joins_vs_replacement",
+            "joins_vs_replacement_same_input"} <= set(comparisons)
+
+
+def test_threshold_targets_agree_with_their_values(quick_demo):
+    _, report, _ = quick_demo
+    for name, target in report["targets"].items():
+        if target["target"] == "> 0" or name == "wall_seconds":
+            continue
+        op, threshold = target["target"].split()
+        met = target["value"] is not None and (target["value"] >= float(threshold) if op == ">="
+                                               else target["value"] <= float(threshold))
+        assert target["verdict"] == (MET if met else NOT_MET), name
+
+
+def test_the_accuracies_are_shares_of_the_videos_graded_right(quick_demo):
+    _, report, _ = quick_demo
+    samples, quality = report["samples"], report["quality"]
+    prompts = [s["prompt"].split() for s in samples]
+    colour = sum(s["colour"] == p[1] for s, p in zip(samples, prompts)) / len(prompts)
+    assert quality["color_accuracy"] == pytest.approx(colour)
+    assert 0 <= quality["direction_accuracy"] <= 1
     assert quality["shape_classifier_accuracy"]["world_videos"] == 1.0  # the world's own shapes, every one
-    # the guidance sweep: every weight asked for (and the default), on the held-out and as many training captions
-    sweep = quality["guidance_sweep"]
+
+
+def test_the_guidance_sweep_grades_held_out_and_training_captions_apart(quick_demo):
+    cfg, report, tmp_path = quick_demo
+    sweep = report["quality"]["guidance_sweep"]
     assert [r["w"] for r in sweep["by_w"].values()] == sorted({*cfg.sweep.weights, cfg.generate.sampling.guidance})
     assert sweep["prompts"]["held_out"] == cfg.world.held_out
     assert len(sweep["prompts"]["seen"]) == cfg.sweep.seen_prompts
-    assert not set(sweep["prompts"]["seen"]) & set(cfg.world.held_out)
+    assert not set(sweep["prompts"]["seen"]) & set(cfg.world.unseen)
     n = cfg.sweep.samples
-    assert n == 2 and sweep["samples"] == n  # the quick config pools two samples per prompt, as the default demo
     for row in sweep["by_w"].values():
         assert row["held_out"]["videos"] == n * len(cfg.world.held_out)
-        assert row["seen"]["videos"] == n * cfg.sweep.seen_prompts and row["all"]["videos"] == row["held_out"][
-            "videos"] + row["seen"]["videos"]
+        assert row["all"]["videos"] == row["held_out"]["videos"] + row["seen"]["videos"] == len(
+            row["per_video"]["adherence"])
         for group in ("all", "held_out", "seen"):
             assert row[group]["adherence"] <= min(row[group][k] for k in ("colour", "shape", "direction"))
-    assert len(list((tmp_path / "sweep").glob("*.mp4"))) == len(sweep["by_w"]) * n * (len(cfg.world.held_out) + 2)
-    # no training video shows a held-out caption
+    videos = n * (len(cfg.world.held_out) + cfg.sweep.seen_prompts)
+    assert len(list((tmp_path / "sweep").glob("*.mp4"))) == len(sweep["by_w"]) * videos
+
+
+def test_no_training_video_shows_a_held_out_or_validation_caption(quick_demo):
+    cfg, _, tmp_path = quick_demo
     captions = (tmp_path / "work" / "world" / "train" / "captions.jsonl").read_text()
-    assert all(f'"{c}"' not in captions for c in cfg.world.held_out)
-    # the long videos, graded chunk by chunk
-    long = quality["long"]
+    assert cfg.world.validation and all(f'"{c}"' not in captions for c in cfg.world.unseen)
+
+
+def test_the_long_videos_are_graded_chunk_by_chunk(quick_demo):
+    cfg, report, tmp_path = quick_demo
+    long = report["quality"]["long"]
     assert long["num_frames"] == cfg.long.num_frames and long["videos"] == cfg.long.prompts
     assert len(long["identity"]["by_chunk"]) == long["chunks"]
     assert len(long["jumps"]["by_boundary"]) == long["chunks"] - 1
-    for file in long["files"]:
-        assert (tmp_path / file).is_file()
-    assert saved["total_seconds_x_peak_gflops"] == round(saved["total_seconds"]
-                                                         * saved["machine"]["fp32_matmul_peak_gflops"])
-    assert set(saved["targets"]) == {"autoencoder_psnr_db", "color_accuracy", "direction_accuracy",
-                                     "identity_reconstruction", "identity_long", "held_out_adherence",
-                                     "total_seconds", "total_seconds_x_peak_gflops", "boundary_jump_ratio",
-                                     "guidance_helps"}
-    # every target's verdict agrees with its value and its threshold
-    for name, target in saved["targets"].items():
-        assert target["what"] and target["what"] in (tmp_path / "report.md").read_text()
-        if name == "boundary_jump_ratio":
-            jumps = quality["boundary_jump_ratio"]
-            guided, replaced = jumps["reconstruction_guidance"], jumps["replacement"]
-            expected = guided is not None and guided <= 1.5 and (replaced is None or guided <= 0.75 * replaced)
-        elif name == "guidance_helps":
-            value = target["value"]
-            expected = (value["w"] > 0 and value["adherence"] >= value["at_w0"]["adherence"]
-                        and value["identity"] >= value["at_w0"]["identity"])
-        else:
-            op, threshold = target["target"].split()
-            expected = target["value"] >= float(threshold) if op == ">=" else target["value"] <= float(threshold)
-        assert target["met"] is expected, name
-    # the accuracies are the share of videos graded right
-    prompts = [s["prompt"].split() for s in saved["samples"]]
-    colour = sum(s["colour"] == p[1] for s, p in zip(saved["samples"], prompts)) / len(prompts)
-    direction = sum(s["direction"] == p[-1] for s, p in zip(saved["samples"], prompts)) / len(prompts)
-    assert quality["color_accuracy"] == pytest.approx(colour)
-    assert quality["direction_accuracy"] == pytest.approx(direction)
+    assert all((tmp_path / file).is_file() for file in long["files"])
+
+
+def test_held_out_videos_are_continued_and_compared_with_the_truth(quick_demo):
+    cfg, report, tmp_path = quick_demo
+    c, cont = cfg.continuation, report["quality"]["continuation"]
+    assert cont["videos"] == c.videos and len(cont["centroid_error_px"]["by_frame"]) == c.num_frames
+    generated = [np.load(tmp_path / f.replace(".mp4", ".npy")) for f in cont["files"]]
+    assert all(v.shape[0] == c.num_frames for v in generated)
+    assert cont["centroid_error_px"]["by_frame"][0] < 1.5  # the given first frame is the truth's own
+    chunks_per_video = len(cont["identity"]["by_chunk"])
+    assert cont["identity"]["chunks"] == c.videos * chunks_per_video  # generated chunks only, not the given one
+    assert (tmp_path / "continuation.png").is_file() and "Continuation against the truth" in (
+        tmp_path / "report.md").read_text()
+    assert {"continuation_identity", "continuation_error"} <= set(report["targets"])
+
+
+def test_fvd_of_each_method_when_a_detector_is_given(quick_demo):
+    cfg, report, _ = quick_demo
+    distances = report["quality"]["video_distances"]
+    assert distances["computed"] and set(distances) == {"computed", *METHODS}
+    for method in METHODS:
+        assert distances[method]["fvd"] > 0 and distances[method]["clips"] == len(cfg.generate.prompts)
+
+
+def test_paired_margins_read_a_clear_gain_a_clear_loss_and_noise():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 64).astype(float)
+    assert verdict(paired_difference(np.ones(64), base)) == MET
+    assert verdict(paired_difference(base, np.ones(64))) == NOT_MET
+    noise = paired_difference(rng.integers(0, 2, 64), rng.integers(0, 2, 64))
+    assert verdict(noise) == WITHIN_NOISE and noise["units"] == 64
+    with_nan = paired_difference([1.0, float("nan"), 2.0], [0.0, 1.0, 1.0])
+    assert with_nan["units"] == 2 and with_nan["left_out"] == 1 and with_nan["difference"] == 1.0
 
 
 def test_extension_options_are_compared_on_the_same_prompts(quick_demo, tmp_path):
@@ -185,19 +246,18 @@ def test_training_processes_split_the_batch_and_refuse_a_split_that_does_not_div
     assert training_processes(auto) == 1  # one GPU: one process
 
 
-def test_the_demos_schedule_trains_and_samples_at_low_noise_too():
-    """The demo's shift of −6 alone left 3 % of training and no sampling step at λ ≥ 0 (its last DDIM step jumped
-    from λ ≈ −0.9 to the data, and squares came out round); interpolated to ``shift_clean`` at the clean end, a
-    sixth of training and the last steps lie there, while the noisy end keeps the shift (README, "Training at low
-    noise too")."""
-    from diffusion import NoiseSchedule
+def test_an_interpolated_schedule_trains_and_samples_at_low_noise_too():
+    """A shift of −6 alone leaves 3 % of training and no 20-step sampling step at λ ≥ 0 (its last step jumps from
+    λ ≈ −0.9 to the data); interpolated to ``shift_clean`` = −2 at the clean end, a sixth of training and the last
+    steps lie there, while the noisy end keeps the shift (docs/experiments/schedule-clean-end.md)."""
+    from diffusion import NoiseSchedule, ScheduleConfig
 
-    cfg = load_config(DemoConfig, "configs/demo/default.yaml", [])
-    schedule = NoiseSchedule.of(cfg.diffusion.model.schedule)
+    schedule = NoiseSchedule.of(ScheduleConfig(shift=-6.0, shift_clean=-2.0))
     logsnr = schedule.logsnr(torch.linspace(0, 1, 10_001))
     assert (logsnr >= 0).float().mean() > 0.1
-    assert (logsnr <= -6).float().mean() > 0.25  # the high-noise training the direction prior needs
-    grid = schedule.grid(cfg.generate.sampling.steps)
+    assert (logsnr <= -6).float().mean() > 0.25  # high-noise training kept
+    grid = schedule.grid(20)
     assert (grid[:-1] >= 0).sum() >= 2 and grid[-2] > 2
-    shifted_only = NoiseSchedule.of(dataclasses.replace(cfg.diffusion.model.schedule, shift_clean=None))
-    assert shifted_only.grid(cfg.generate.sampling.steps)[-2] < 0  # what it replaced
+    shifted_only = NoiseSchedule.of(ScheduleConfig(shift=-6.0))
+    assert shifted_only.grid(20)[-2] < 0
+    assert (shifted_only.logsnr(torch.linspace(0, 1, 10_001)) >= 0).float().mean() < 0.05

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pipelines.core.config import ConfigError, UserError, load_config
 from pipelines.evaluation.config import EvaluateConfig
@@ -32,6 +31,7 @@ from pipelines.evaluation.fvd import (
 from pipelines.media.datasets import SkippedFileWarning
 from pipelines.media.video_io import write_video
 from pipelines.stages.evaluate import evaluate
+from tests.models import TinyI3D
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES, SIZE = 8, 32
@@ -120,27 +120,6 @@ def test_detector_input_is_uint8_bcthw():
 
 
 # ---------------------------------------------------------------------------------------------- detector
-
-
-class TinyI3D(nn.Module):
-    """Stands in for StyleGAN-V's I3D: the same call, ``forward(x, rescale, resize, return_features)`` on uint8
-    ``[b, 3, t, h, w]``, returning ``[b, 8]`` features (a mean-pooled 3-D convolution). It refuses any other call
-    than the one StyleGAN-V's FVD makes."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv3d(3, 8, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
-                return_features: bool = False) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise RuntimeError("expected uint8 videos")
-        if not (rescale and resize and return_features):
-            raise RuntimeError("expected rescale=True, resize=True, return_features=True")
-        h = x.float() / 127.5 - 1
-        h = F.interpolate(h, size=[x.shape[2], 16, 16], mode="trilinear", align_corners=False)
-        features = torch.relu(self.conv(h)).mean(dim=[2, 3, 4])
-        return features if return_features else features.softmax(dim=1)
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from pipelines.world.config import WorldSpec
 HELD_OUT = ("a red square moving left", "a red triangle moving down", "a green circle moving right",
             "a green triangle moving up", "a blue circle moving up", "a blue square moving down",
             "a yellow square moving right", "a yellow triangle moving left")  # each colour and direction twice
+VALIDATION = ("a red circle moving up", "a green square moving right", "a blue triangle moving down",
+              "a yellow square moving left")  # each colour and direction once; none a generation prompt
 
 
 @dataclass
@@ -22,7 +24,14 @@ class WorldConfig:
     spec: WorldSpec = field(default_factory=lambda: WorldSpec(min_speed=2.0, max_speed=3.0, min_run_frames=6))
     seed: int = 0
     held_out: list[str] = field(default_factory=lambda: list(HELD_OUT))  # captions no training video shows
-    # (every colour, shape and direction is still seen); the report grades them apart
+    # (every colour, shape and direction is still seen); the report grades them, and nothing is chosen on them
+    validation: list[str] = field(default_factory=lambda: list(VALIDATION))  # captions no training video shows
+    # either, for choosing generation settings (benchmarks/demo/*): the held-out captions only grade
+
+    @property
+    def unseen(self) -> list[str]:
+        """Every caption no training video shows: held out and validation."""
+        return [*self.held_out, *self.validation]
 
 
 @dataclass
@@ -51,6 +60,34 @@ class LongVideoConfig:
 
 
 @dataclass
+class ContinuationConfig:
+    """Held-out world videos continued from their first frames (``generate``'s ``condition.video``), graded against
+    what the world's motion rule really draws after them: the object kept (colour and shape of the *given* one,
+    per chunk), its centroid's error in pixels by frame, and the joins."""
+
+    videos: int = 8  # 0: none; one per held-out caption, in turn
+    given_frames: int = 8  # frames of each video the model is given
+    num_frames: int = 64  # frames of the continued video (and of the rendered truth)
+
+
+@dataclass
+class TargetsConfig:
+    """What the report requires (each check says what it measured and, for a comparison, its 95 % bootstrap
+    interval over prompts and seeds: a comparison inside the noise reads "within noise", not "met")."""
+
+    autoencoder_psnr_db: float = 28.0  # at least, on held-out frames
+    color_accuracy: float = 0.8  # at least, the generated videos
+    direction_accuracy: float = 0.7  # at least, the generated videos (per chunk, bounces included)
+    identity: float = 0.9  # at least, per chunk, reconstruction guidance at generate.num_frames
+    identity_long: float = 0.8  # at least, per chunk, the long videos
+    held_out_adherence: float = 0.7  # at least, held-out captions at the default guidance weight
+    jump_ratio: float = 1.5  # at most, reconstruction guidance; also below replacement's beyond the noise
+    continuation_identity: float = 0.95  # at least, chunks keeping the given object's colour and shape
+    continuation_error_frame: int = 32  # the frame whose centroid error must stay below the object's size
+    wall_seconds: float = 600.0  # at most, judged only on a run that did every stage itself
+
+
+@dataclass
 class DemoConfig:
     """``scripts/demo.py``: the world, then every stage's own config; the demo wires the paths between stages
     (``FIXED``), which ``--help`` leaves out and overrides may not set."""
@@ -76,5 +113,7 @@ class DemoConfig:
         "a yellow circle moving up"]))  # both methods run on the same prompts and seeds
     sweep: GuidanceSweepConfig = field(default_factory=GuidanceSweepConfig)
     long: LongVideoConfig = field(default_factory=LongVideoConfig)
+    continuation: ContinuationConfig = field(default_factory=ContinuationConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
     metrics: MetricsConfig = field(default_factory=lambda: MetricsConfig(pairwise=False))  # FVD / KVD of each
     # method's videos against the world's training videos, when metrics.i3d points at i3d_torchscript.pt

@@ -96,6 +96,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
                            "loss_logvar": nn.ParameterDict({"logvar": raw.loss.logvar})},
                           {"generator": opt_g, "discriminator": opt_d}, emas)
     state.maybe_resume(out / "checkpoints", cfg.run.resume, log, config_to_dict(cfg), ("model", "loss"), accelerator)
+    started_at = state.step  # 0: a fresh run; run.steps: everything reused
 
     def loss(phase: str):
         return lambda batch, generator: objective(batch, state.step, phase)
@@ -114,7 +115,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     summary = {}
     if accelerator.is_main_process:
         summary = _export(cfg, raw.vae, emas, scale_frames, held_out, out, log)
-        summary |= {"steps": state.step, "seconds": round(state.seconds, 2), "held_out": held_out_source}
+        summary |= {"steps": state.step, "started_at_step": started_at, "seconds": round(state.seconds, 2),
+                    "held_out": held_out_source}
         atomic_write_json(out / "eval.json", summary)
         log(f"autoencoder: {json.dumps(summary)}")
         if train_set.skipped:

@@ -263,7 +263,8 @@ class _Source:
 
 
 def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
-    """Train (or resume) the diffusion model; returns ``{"steps", "seconds", "final_loss"}``."""
+    """Train (or resume) the diffusion model; returns ``{"steps", "started_at_step", "seconds", "final_loss",
+    "skipped_steps"}``."""
     accelerator = make_accelerator(cfg.run)
     device = accelerator.device
     source = _Source(cfg.data, cfg.text, device, cfg.run.seed, log)
@@ -280,6 +281,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     raw.text.to_device(device)
     state = TrainingState(*_trained(raw, cfg.run.ema_decay, optimizer))
     state.maybe_resume(out / "checkpoints", cfg.run.resume, log, config_to_dict(cfg), ("model", "text"), accelerator)
+    started_at = state.step  # 0: a fresh run; run.steps: everything reused
     global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
 
     def loss(batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
@@ -298,7 +300,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
                         state.step), phases, desc="diffusion", checkpoint=checkpoint, sample=samples,
                         plot_keys=["loss"])
     values = [r["loss"] for r in losses.rows if "loss" in r][-10:]
-    summary = {"steps": state.step, "seconds": round(state.seconds, 2),
+    summary = {"steps": state.step, "started_at_step": started_at, "seconds": round(state.seconds, 2),
                "final_loss": float(sum(values) / len(values)) if values else float("nan"),
                "skipped_steps": state.skipped_steps}
     if accelerator.is_main_process:

@@ -189,7 +189,8 @@ def make_world(
 ) -> list[dict]:
     """Write ``out_dir/<split>/<index:05d>.mp4`` and ``out_dir/<split>/captions.jsonl``; return the records.
 
-    A record is ``{"path": "<index:05d>.mp4" (relative to the manifest), "caption", "params"}``. Idempotent:
+    A record is ``{"path": "<index:05d>.mp4" (relative to the manifest), "caption", "params"}`` (and, returned
+    only, ``"rendered"``: whether this call wrote the video). Idempotent:
     videos already written under the same spec, seed and split are kept (writes are atomic, so a video that
     exists is complete); ``world.json`` records the spec, seed and split the folder was rendered with, and a
     different one re-renders the folder; videos beyond ``num_videos`` are removed. No video shows one of the
@@ -206,15 +207,17 @@ def make_world(
     for index in tqdm(range(num_videos), desc=f"world/{split}", unit="video", leave=False):
         params = world_params(index, spec, seed, split, combos)
         path = folder / f"{index:05d}.mp4"
-        if not path.is_file():
+        rendered = not path.is_file()
+        if rendered:
             write_video(path, render_clip(params, spec), fps=spec.fps)
-        records.append({"path": path.name, "caption": params.caption, "params": asdict(params)})
+        records.append({"path": path.name, "caption": params.caption, "params": asdict(params), "rendered": rendered})
     for stale in folder.glob("[0-9][0-9][0-9][0-9][0-9].mp4"):
         if int(stale.stem) >= num_videos:
             stale.unlink()
     for temporary in folder.glob(".*.tmp"):  # left by a run killed while writing
         temporary.unlink()
-    atomic_write_text(folder / "captions.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    manifest = [{k: v for k, v in r.items() if k != "rendered"} for r in records]
+    atomic_write_text(folder / "captions.jsonl", "".join(json.dumps(r) + "\n" for r in manifest))
     return records
 
 
