@@ -410,8 +410,9 @@ def chunk_directions(track: np.ndarray, gaps: np.ndarray, direction: str, bounda
     """
     expected = expected_directions(track, gaps, direction)
     judged = np.array([way is not None for way in expected], dtype=bool)
+    turned = np.array([way == OPPOSITE[direction] for way in expected], dtype=bool)
     steps = np.diff(track, axis=0)  # [f-1, 2]: steps[k] = track[k+1] - track[k]
-    steps[[way == OPPOSITE[direction] for way in expected], 0 if DIRECTIONS[direction][0] else 1] *= -1
+    steps[turned, 0 if DIRECTIONS[direction][0] else 1] *= -1  # along the caption's axis
     edges = _chunk_edges(boundaries, len(track))
     out = []
     for start, stop in zip(edges[:-1], edges[1:]):  # the steps inside chunk [start, stop)
