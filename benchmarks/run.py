@@ -4,15 +4,18 @@ benchmark, not a test), printed as a table (metric | value | goal | met) and wri
 
 * U-Net against diffusers' ``UNet3DConditionModel`` at a similar parameter count: one training step (forward +
   backward of an MSE loss) and one sampling forward (``torch.no_grad``), medians of interleaved runs after
-  warm-up; diffusers' time / ours.
+  warm-up; diffusers' time / ours per step, and per FLOP (our FLOP rate / diffusers'): the two networks do not do
+  the same work at the same parameter count, so a step's speed-up alone mixes a cheaper design with a faster
+  implementation. FLOPs of both are counted on the very step that is timed, not estimated.
 * Utilisation: FLOPs of our training step (``torch.utils.flop_counter.FlopCounterMode``, plus PyTorch's CPU
   flash-attention kernels, which its table lacks) / step time / the matmul peak measured in this run.
 * Latent against pixel space: a training step of the same U-Net on 16 × 64 × 64 RGB frames and on their
   factor-4 latents 16 × 16 × 16 × 4.
 * Long videos: peak memory and time per frame of autoregressive extension to 256 frames against 32 (decode and
   MP4 writing included), and of chunked VAE decoding of 256 latent frames against 16 into a video held in
-  memory (uint8 frames, as writers take them: the goal; and float32, for reference), each in a fresh subprocess
-  (the long-video lengths in alternating rounds, the fastest round kept, the largest memory of all).
+  memory (uint8 frames, as writers take them: the goal; and float32, for reference), each in a fresh subprocess,
+  the lengths in alternating rounds: the fastest round's time, the largest memory of all rounds, and beside each
+  memory ratio its spread over the rounds (the least and the most of the ratios round by round).
 * Attention: time and peak memory of the ``sdpa`` backend against ``math`` at long temporal (with the
   relative-position bias as an additive float bias) and spatial sequences.
 
@@ -68,7 +71,8 @@ SETTINGS = {
         unet_frames=8, unet_size=32, unet_warmup=1, unet_repeat_sample=5, unet_repeat_train=3,
         pixel_frames=16, pixel_size=64, pixel_factor=4, pixel_warmup=1, pixel_repeat=2,
         long_lengths=[32, 256], long_chunk=16, long_context=4, long_latent=16, long_steps=8, long_base=32,
-        long_repeat=1, long_rounds=2, vae_lengths=[16, 256], vae_latent=16, vae_chunk=16, vae_base=32, vae_repeat=3,
+        long_repeat=1, long_rounds=3, vae_lengths=[16, 256], vae_latent=16, vae_chunk=16, vae_base=32, vae_repeat=1,
+        vae_rounds=3,
         attn_temporal=[1024, 256], attn_spatial=[8, 64], attn_heads=2, attn_dim=32, attn_repeat=3,
         matmul_size=2048, matmul_repeats=5, bf16_size=512,
     ),
@@ -76,7 +80,8 @@ SETTINGS = {
         unet_frames=4, unet_size=16, unet_warmup=1, unet_repeat_sample=2, unet_repeat_train=2,
         pixel_frames=4, pixel_size=32, pixel_factor=4, pixel_warmup=1, pixel_repeat=1,
         long_lengths=[32, 256], long_chunk=16, long_context=4, long_latent=8, long_steps=2, long_base=16,
-        long_repeat=1, long_rounds=2, vae_lengths=[16, 256], vae_latent=8, vae_chunk=16, vae_base=16, vae_repeat=3,
+        long_repeat=1, long_rounds=2, vae_lengths=[16, 256], vae_latent=8, vae_chunk=16, vae_base=16, vae_repeat=1,
+        vae_rounds=2,
         attn_temporal=[64, 64], attn_spatial=[4, 32], attn_heads=2, attn_dim=32, attn_repeat=2,
         matmul_size=2048, matmul_repeats=3, bf16_size=512,
     ),
@@ -495,7 +500,8 @@ def run_child(kind: str, spec: dict, args) -> dict:
 
 def run_interleaved(kind: str, specs: dict[str, dict], rounds: int, args) -> dict[str, dict]:
     """``run_child`` of every spec, ``rounds`` times in turn (a, b, a, b: the machine's drift in speed reaches
-    every length alike). Per spec: the fastest round's result, with the largest memory growth of all rounds."""
+    every length alike). Per spec: the fastest round's result, with the largest memory growth of all rounds, and
+    every round's time and memory growth (``rounds_s``, ``rounds_growth_mib``: None for a round that failed)."""
     runs: dict[str, list[dict]] = {name: [] for name in specs}
     for _ in range(rounds):
         for name, spec in specs.items():
@@ -508,6 +514,7 @@ def run_interleaved(kind: str, specs: dict[str, dict], rounds: int, args) -> dic
             continue
         best = dict(min(good, key=lambda r: r["seconds"]))
         best["rounds_s"] = [r["seconds"] for r in good]
+        best["rounds_growth_mib"] = [r.get("growth_mib") for r in results]
         for key in ("growth_mib", "rss_growth_mib", "rss_peak_mib", "cuda_growth_mib"):
             if key in best:
                 best[key] = max(r[key] for r in good)
@@ -529,6 +536,14 @@ def ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
 
 
+def ratio_spread(numerator: dict, denominator: dict) -> list[float] | None:
+    """[least, most] of the memory-growth ratio round by round (``rounds_growth_mib`` of two
+    :func:`run_interleaved` results), over the rounds where both were measured; None without any."""
+    pairs = zip(numerator.get("rounds_growth_mib", []), denominator.get("rounds_growth_mib", []))
+    ratios = [r for r in (ratio(a, b) for a, b in pairs) if r is not None]
+    return [min(ratios), max(ratios)] if ratios else None
+
+
 def goal_text(key: str) -> str:
     op, bound = GOALS[key]
     return f"1 ± {bound:g}" if op == "within" else f"{'≥' if op == '>=' else '≤'} {bound:g}"
@@ -541,33 +556,42 @@ def goal_met(key: str, value) -> bool | None:
     return {">=": value >= bound, "<=": value <= bound, "within": abs(value - 1) <= bound}[op]
 
 
-def figures(unet: dict, pixel: dict, long: dict, vae: dict, attn: dict, peak_gflops: float, dtype: str) -> dict:
-    """The ratios, from the absolute results."""
+def figures(unet: dict, pixel: dict, long: dict, vae: dict, attn: dict, peak_gflops: float,
+            dtype: str) -> tuple[dict, dict]:
+    """The ratios, from the absolute results (the U-Nets' counted GFLOP a step beside their speed-ups per step and
+    per FLOP), and each memory ratio's spread over the rounds (:func:`ratio_spread`)."""
     ours, theirs = unet["ours"], unet["diffusers"]
     lengths, decodes = sorted(long, key=int), sorted(vae["uint8"], key=int)
     first, last = long[lengths[0]], long[lengths[-1]]
-    out = {
-        "unet_train_speedup_vs_diffusers": ratio(theirs["train_s"], ours["train_s"]),
-        "unet_sample_speedup_vs_diffusers": ratio(theirs["sample_s"], ours["sample_s"]),
+    out = {}
+    for step in ("train", "sample"):  # per FLOP: our FLOP rate over diffusers'
+        out |= {f"unet_{step}_speedup_vs_diffusers": ratio(theirs[f"{step}_s"], ours[f"{step}_s"]),
+                f"unet_{step}_speedup_per_flop_vs_diffusers": ratio(ours[f"{step}_flops"] / ours[f"{step}_s"],
+                                                                     theirs[f"{step}_flops"] / theirs[f"{step}_s"]),
+                f"unet_{step}_gflop_ours": ours[f"{step}_flops"] / 1e9,
+                f"unet_{step}_gflop_diffusers": theirs[f"{step}_flops"] / 1e9}
+    long_key = f"long_video_peak_memory_ratio_{lengths[-1]}_vs_{lengths[0]}"
+    spreads = {long_key: ratio_spread(last, first)}
+    out |= {
         f"unet_train_utilization_{dtype}": ratio(ours["train_gflops_per_s"], peak_gflops),
         "latent_vs_pixel_train_speedup": ratio(pixel.get("pixel", {}).get("train_s"),
                                                pixel.get("latent", {}).get("train_s")),
-        f"long_video_peak_memory_ratio_{lengths[-1]}_vs_{lengths[0]}": ratio(last.get("growth_mib"),
-                                                                              first.get("growth_mib")),
+        long_key: ratio(last.get("growth_mib"), first.get("growth_mib")),
         f"time_per_frame_ratio_{lengths[-1]}_vs_{lengths[0]}": ratio(last.get("seconds_per_frame"),
                                                                       first.get("seconds_per_frame")),
     }
     for out_dtype, name in (("uint8", "vae_decode"), ("float32", "vae_decode_float32")):
-        by_length = vae[out_dtype]
-        out[f"{name}_peak_memory_ratio_{decodes[-1]}_vs_{decodes[0]}"] = ratio(
-            by_length[decodes[-1]].get("growth_mib"), by_length[decodes[0]].get("growth_mib"))
+        longest, shortest = vae[out_dtype][decodes[-1]], vae[out_dtype][decodes[0]]
+        key = f"{name}_peak_memory_ratio_{decodes[-1]}_vs_{decodes[0]}"
+        out[key] = ratio(longest.get("growth_mib"), shortest.get("growth_mib"))
+        spreads[key] = ratio_spread(longest, shortest)
     for kind in ("temporal", "spatial"):
         case = attn.get(kind, {})
         sdpa, math_ = case.get("sdpa", {}), case.get("math", {})
         out[f"attention_{kind}_sdpa_speedup_vs_math"] = ratio(math_.get("seconds"), sdpa.get("seconds"))
         out[f"attention_{kind}_peak_memory_ratio_sdpa_vs_math"] = ratio(sdpa.get("growth_mib"),
                                                                           math_.get("growth_mib"))
-    return out
+    return out, spreads
 
 
 def goal_key(key: str) -> str | None:
@@ -597,18 +621,19 @@ def notes_on(unet: dict, machine: dict) -> list[str]:
     return notes
 
 
-def print_table(values: dict) -> dict:
-    """Print metric | value | goal | met, and return each goal's verdict."""
+def print_table(values: dict, spreads: dict) -> dict:
+    """Print metric | value | spread over rounds | goal | met, and return each goal's verdict."""
     verdicts = {}
     width = max(len(k) for k in values)
-    print(f"\n{'metric':<{width}} | {'value':>9} | {'goal':>8} | met")
-    print(f"{'-' * width}-+-{'-' * 9}-+-{'-' * 8}-+-----")
+    print(f"\n{'metric':<{width}} | {'value':>9} | {'rounds':>13} | {'goal':>8} | met")
+    print(f"{'-' * width}-+-{'-' * 9}-+-{'-' * 13}-+-{'-' * 8}-+-----")
     for key, value in values.items():
         goal = goal_key(key)
         met = goal_met(goal, value) if goal else None
         shown = "n/a" if value is None else f"{value:9.3f}"
+        spread = f"{spreads[key][0]:.3f}–{spreads[key][1]:.3f}" if spreads.get(key) else "-"
         verdict = "-" if goal is None else ("not measured" if met is None else ("yes" if met else "no"))
-        print(f"{key:<{width}} | {shown:>9} | {goal_text(goal) if goal else '-':>8} | {verdict}")
+        print(f"{key:<{width}} | {shown:>9} | {spread:>13} | {goal_text(goal) if goal else '-':>8} | {verdict}")
         if goal:
             verdicts[key] = {"goal": goal_text(goal), "met": met}
     return verdicts
@@ -617,9 +642,10 @@ def print_table(values: dict) -> dict:
 def print_absolute(unet: dict, pixel: dict, long: dict, vae: dict, attn: dict) -> None:
     for name in ("ours", "diffusers"):
         r = unet[name]
-        print(f"U-Net {name:>9}: {r['params'] / 1e6:6.2f}M params | sample {r['sample_s'] * 1e3:8.1f} ms | "
-              f"train {r['train_s'] * 1e3:8.1f} ms | {r['train_flops'] / 1e9:7.1f} GFLOP/step "
-              f"({r['train_gflops_per_s']:.1f} GFLOP/s) | attention kernels {r['attention_kernels_train']}")
+        print(f"U-Net {name:>9}: {r['params'] / 1e6:6.2f}M params | sample {r['sample_s'] * 1e3:8.1f} ms, "
+              f"{r['sample_flops'] / 1e9:6.1f} GFLOP | train {r['train_s'] * 1e3:8.1f} ms, "
+              f"{r['train_flops'] / 1e9:7.1f} GFLOP ({r['train_gflops_per_s']:.1f} GFLOP/s) | attention kernels "
+              f"{r['attention_kernels_train']}")
     for name in ("latent", "pixel"):
         r = pixel.get(name, {})
         shown = (f"train {r['train_s'] * 1e3:9.1f} ms, {r['train_flops'] / 1e9:.1f} GFLOP/step" if "train_s" in r
@@ -722,9 +748,9 @@ def main(argv: list[str] | None = None) -> dict:
         s["long_rounds"], args)
     sections["long_video"], clock = time.perf_counter() - clock, time.perf_counter()
     print("VAE decoding ...", flush=True)
-    vae = {out: {str(n): run_child("vae_decode", {"frames": n, "chunk": s["vae_chunk"], "latent": s["vae_latent"],
-                                                 "vae_base": s["vae_base"], "repeat": s["vae_repeat"], "out": out},
-                                   args) for n in s["vae_lengths"]}
+    vae = {out: run_interleaved("vae_decode", {
+        str(n): {"frames": n, "chunk": s["vae_chunk"], "latent": s["vae_latent"], "vae_base": s["vae_base"],
+                 "repeat": s["vae_repeat"], "out": out} for n in s["vae_lengths"]}, s["vae_rounds"], args)
            for out in ("uint8", "float32")}
     sections["vae_decode"], clock = time.perf_counter() - clock, time.perf_counter()
     print("attention ...", flush=True)
@@ -734,8 +760,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     print()
     print_absolute(unet, pixel, long, vae, attn)
-    values = figures(unet, pixel, long, vae, attn, util_peak, args.dtype)
-    verdicts = print_table(values)
+    values, spreads = figures(unet, pixel, long, vae, attn, util_peak, args.dtype)
+    verdicts = print_table(values, spreads)
     wall = time.perf_counter() - began
     machine["load_average_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
     notes = notes_on(unet, machine)
@@ -743,6 +769,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"note: {note}")
     report = {
         **values,
+        "memory_ratio_spread_over_rounds": spreads,
         "goals": verdicts,
         "notes": notes,
         "absolute": {"unet": unet, "latent_vs_pixel": pixel, "long_video": long, "vae_decode": vae,

@@ -266,26 +266,98 @@ def test_short_and_unreadable_files_are_skipped_with_a_warning(tmp_path, detecto
     assert metrics["fvd"] is not None and abs(metrics["fvd"]) < 1e-6
 
 
-def test_world_analysis_reads_prompts_from_the_generation_record(tmp_path):
+def _world_videos(folder: Path, count: int = 4) -> list[dict]:
+    """``count`` rendered world clips in ``folder`` with the ``generation_test.json`` that records their prompts
+    and a chunk boundary at frame 8; returns the samples."""
     from pipelines.world.config import WorldSpec
     from pipelines.world.synthetic import render_clip, world_params
 
-    spec, folder = WorldSpec(size=32, num_frames=16), tmp_path / "generated"
+    spec = WorldSpec(size=32, num_frames=16)
     folder.mkdir()
     samples = []
-    for i in range(4):
+    for i in range(count):
         params = world_params(i, spec)
         name = f"{i:03d}_world.mp4"
         write_video(folder / name, render_clip(params, spec), fps=spec.fps)
         samples.append({"file": name, "prompt": params.caption, "method": "test", "index": i, "boundaries": [8]})
     (folder / "generation_test.json").write_text(json.dumps({"samples": samples}))
-    metrics = evaluate(config(tmp_path, folder, folder, "metrics.world=true"), quiet)
-    world = metrics["world"]
-    assert world["videos"] == 4 and len(world["per_video"]) == 4
+    return samples
+
+
+def test_world_analysis_reads_prompts_from_the_generation_record(tmp_path):
+    folder = tmp_path / "generated"
+    _world_videos(folder)
+    write_video(folder / "unrecorded.mp4", np.zeros((16, 32, 32, 3), np.uint8), fps=8)  # no prompt: counted apart
+    metrics = evaluate(config(tmp_path, folder, folder, "metrics.analysers=[world]"), quiet)
+    world = metrics["analysers"]["world"]
+    assert world["videos"] == 4 and len(world["per_video"]) == 4 and world["not_world_prompts"] == ["unrecorded.mp4"]
     assert world["colour_accuracy"] == world["shape_accuracy"] == world["direction_accuracy"] == 1.0
     assert world["jump_ratio_mean"] == pytest.approx(1.0, abs=0.5)  # rendered motion is continuous at frame 8
-    assert world["identity_per_chunk"] == 1.0 and world["chunks"] == 8  # two chunks per rendered video
-    assert "world colour accuracy" in (tmp_path / "out" / "metrics.md").read_text()
+    assert world["identity_per_chunk"] == world["direction_per_chunk"] == 1.0 and world["chunks"] == 8
+    assert world["failed_joins"] == 0 and world["vanished_chunks"] == 0
+    report = (tmp_path / "out" / "metrics.md").read_text()
+    assert "## Analyser `world`" in report and "colour accuracy (4 videos) | 1.00" in report
+
+
+class FakeAnalyser:
+    """An analyser from another package: it records what it was given."""
+
+    calls: list[tuple[str, tuple, dict]] = []
+
+    def add(self, path: Path, frames: np.ndarray, record: dict) -> None:
+        self.calls.append((path.name, frames.shape, record))
+
+    def summary(self) -> dict:
+        return {"videos": len(self.calls)}
+
+    def markdown(self, summary: dict) -> list[str]:
+        return [f"fake saw {summary['videos']} videos"]
+
+
+@pytest.fixture
+def fake_installed(monkeypatch):
+    """A package's entry point ``fake`` in the analysers' group (and none of this project's)."""
+    from importlib import metadata
+
+    import pipelines.evaluation.analysers as analysers
+
+    point = metadata.EntryPoint("fake", "tests.test_evaluate:FakeAnalyser", analysers.GROUP)
+    monkeypatch.setattr(analysers.metadata, "entry_points",
+                        lambda group: [point] if group == analysers.GROUP else [])
+    FakeAnalyser.calls = []
+    return analysers
+
+
+def test_an_installed_analyser_is_called_on_every_whole_video_with_its_record(tmp_path, fake_installed):
+    folder = tmp_path / "generated"
+    samples = _world_videos(folder, 2)
+    assert set(fake_installed.installed()) == {"fake", "world"}  # the built-in table under the entry points
+    metrics = evaluate(config(tmp_path, folder, folder, "metrics.analysers=[fake,world]"), quiet)
+    assert FakeAnalyser.calls == [(s["file"], (16, 32, 32, 3), {"prompt": s["prompt"], "boundaries": [8]})
+                                  for s in samples]
+    assert list(metrics["analysers"]) == ["fake", "world"] and metrics["analysers"]["fake"] == {"videos": 2}
+    assert metrics["analysers"]["world"]["videos"] == 2  # found without installed metadata
+    assert "fake saw 2 videos" in (tmp_path / "out" / "metrics.md").read_text()
+
+
+def test_an_unknown_analyser_fails_in_one_line_listing_the_installed_ones(tmp_path, fake_installed):
+    folder = tmp_path / "generated"
+    _world_videos(folder, 1)
+    with pytest.raises(ConfigError, match="metrics.analysers") as caught:
+        evaluate(config(tmp_path, folder, folder, "metrics.analysers=[wrold]"), quiet)
+    message = str(caught.value)
+    assert "\n" not in message and "'wrold'" in message and message.endswith("installed: fake, world")
+    assert not (tmp_path / "out").exists()  # nothing done
+
+
+def test_pyproject_registers_the_built_in_analysers():
+    """The built-in table (found before ``pip install -e .``) is what pyproject.toml registers once installed."""
+    from pipelines.evaluation.analysers import BUILT_IN, GROUP
+
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"][GROUP] == BUILT_IN
 
 
 # ---------------------------------------------------------------------------------------------- config and script

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 @dataclass
 class MetricsConfig:
-    """What is measured and how: FVD / KVD on StyleGAN-V's I3D, pairwise PSNR / SSIM / LPIPS, the world analyser."""
+    """What is measured and how: FVD / KVD on StyleGAN-V's I3D, pairwise PSNR / SSIM / LPIPS, analysers."""
 
     i3d: Optional[str] = None  # StyleGAN-V's i3d_torchscript.pt (never downloaded; without it FVD / KVD are skipped)
     num_videos: int = 2048  # at most this many clips per side, the first usable files in sorted order (StyleGAN-V)
@@ -25,8 +25,8 @@ class MetricsConfig:
     kvd_subsets: int = 100  # random subsets the KVD is averaged over (KID's protocol)
     kvd_subset_size: int = 1000  # clips per KVD subset (capped by the clips available)
     pairwise: bool = True  # PSNR / SSIM (and LPIPS when its weights are on disk) of files whose names pair up
-    world: bool = False  # the demo world's analyser (colour / shape / direction, chunk joins) on generated videos
-    # whose prompt a generation_*.json in the generated folder records
+    analysers: list[str] = field(default_factory=list)  # analysers of the whole generated videos, by name (world:
+    # the demo world's: colour / shape / direction, chunk joins, against the prompt a generation_*.json records)
 
     def __post_init__(self) -> None:
         for name in ("num_videos", "frames_per_clip", "frame_stride", "batch_size", "kvd_subsets"):
@@ -38,13 +38,15 @@ class MetricsConfig:
             raise ValueError(f"metrics.resolution must be at least 1 or null, got {self.resolution}")
         if self.real_clip_start not in ("random", "first"):
             raise ValueError(f"metrics.real_clip_start must be 'random' or 'first', got {self.real_clip_start!r}")
+        if len(set(self.analysers)) < len(self.analysers):
+            raise ValueError(f"metrics.analysers names an analyser twice: {list(self.analysers)}")
         if self.i3d is not None and not str(self.i3d).strip():
             raise ValueError("metrics.i3d must be a path to i3d_torchscript.pt or null, got an empty string")
 
 
 @dataclass
 class EvaluateConfig:
-    """``scripts/evaluate.py``: generated videos against real ones: FVD, KVD, PSNR, SSIM, LPIPS, world analysis."""
+    """``scripts/evaluate.py``: generated videos against real ones: FVD, KVD, PSNR, SSIM, LPIPS, analysers."""
 
     generated: str  # a folder of videos, or a scripts/generate.py output folder
     real: str  # a folder of real videos (pairwise metrics pair its files with the generated ones by name)

@@ -4,8 +4,9 @@
   without the detector they are reported as not computed, with the line that says how to enable them.
 * PSNR / SSIM (and LPIPS when its ImageNet weights are on disk) of the generated and real files whose names
   (stems) pair up: reconstructions against their sources.
-* With ``metrics.world``: the demo world's analyser on generated videos whose prompt a ``generation_*.json`` of
-  ``scripts/generate.py`` records (colour, shape and direction accuracy; jumps at chunk joins).
+* The analysers ``metrics.analysers`` names (plug-ins, :mod:`pipelines.evaluation.analysers`; ``world``: the demo
+  world's) on the whole generated videos, with the prompt and chunk boundaries a ``generation_*.json`` of
+  ``scripts/generate.py`` records for each.
 
 Videos are decoded one at a time and clips go to the I3D a batch at a time, so memory stays flat in the number
 of videos. A file that cannot be read or is shorter than a clip is skipped with a warning naming it and why.
@@ -29,6 +30,7 @@ from autoencoder import build_lpips, psnr, ssim
 from pipelines.core.config import UserError, config_to_dict, save_resolved_config
 from pipelines.core.devices import resolve_device
 from pipelines.core.files import atomic_write_json, atomic_write_text
+from pipelines.evaluation.analysers import Analyser, build_analysers
 from pipelines.evaluation.config import EvaluateConfig, MetricsConfig
 from pipelines.evaluation.fvd import (
     DETECTOR_KWARGS,
@@ -42,7 +44,6 @@ from pipelines.evaluation.fvd import (
 )
 from pipelines.media.datasets import VIDEO_EXTENSIONS, SkippedFileWarning, scan_media
 from pipelines.media.video_io import MediaReadError, as_float_frames, read_frames, video_info
-from pipelines.world.synthetic import analyse_video, parse_caption
 
 PSNR_CAP = 100.0  # dB: identical frames would be infinite
 
@@ -79,8 +80,8 @@ def _videos(folder: str, key: str) -> Side:
     return Side(path, files)
 
 
-def generation_records(folder: Path) -> dict[Path, tuple[str, list[int]]]:
-    """``{video path: (prompt, chunk boundaries)}`` from the ``generation_*.json`` files under ``folder``
+def generation_records(folder: Path) -> dict[Path, dict]:
+    """``{video path: {"prompt", "boundaries"}}`` from the ``generation_*.json`` files under ``folder``
     (``{"samples": [{"file", "prompt", "boundaries", ...}]}``, file names relative to the JSON)."""
     records = {}
     for manifest in sorted(folder.rglob("generation_*.json")):
@@ -88,7 +89,8 @@ def generation_records(folder: Path) -> dict[Path, tuple[str, list[int]]]:
             summary = json.loads(manifest.read_text(encoding="utf-8"))
             for sample in summary["samples"]:
                 boundaries = [int(b) for b in sample.get("boundaries", [])]
-                records[(manifest.parent / sample["file"]).resolve()] = (str(sample["prompt"]), boundaries)
+                records[(manifest.parent / sample["file"]).resolve()] = {"prompt": str(sample["prompt"]),
+                                                                         "boundaries": boundaries}
         except (OSError, ValueError, KeyError, TypeError) as error:
             warnings.warn(f"ignoring {manifest}: not a generation record ({error})", stacklevel=2)
     return records
@@ -170,42 +172,6 @@ class Pairwise:
                 "unpaired_generated": unpaired, "skipped": self.skipped}
 
 
-class World:
-    """The demo world's analyser over generated videos with known world prompts."""
-
-    KEYS = ("colour", "shape", "direction")
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-        self.not_world: list[str] = []
-
-    def add(self, path: Path, frames: np.ndarray, prompt: str, boundaries: list[int]) -> None:
-        """Analyse one whole video ``uint8 [f, H, W, 3]`` generated from ``prompt``."""
-        try:
-            parse_caption(prompt)
-        except ValueError:
-            self.not_world.append(path.name)
-            return
-        result = analyse_video(frames, prompt, [b for b in boundaries if b < len(frames)])
-        row = {"file": path.name, "prompt": prompt, **{k: result[k] for k in self.KEYS}}
-        row |= {f"{k}_correct": bool(result[f"{k}_correct"]) for k in self.KEYS}
-        row["jump_ratio"] = _finite(result["jump_ratio"])
-        row["chunks"] = [{k: c[k] for k in ("colour", "shape", "identity")} for c in result["chunks"]]
-        self.rows.append(row)
-
-    def summary(self, with_prompt: int) -> dict:
-        n = len(self.rows)
-        accuracy = {f"{k}_accuracy": (sum(r[f"{k}_correct"] for r in self.rows) / n if n else None)
-                    for k in self.KEYS}
-        every = sum(all(r[f"{k}_correct"] for k in self.KEYS) for r in self.rows) / n if n else None
-        jumps = [r["jump_ratio"] for r in self.rows if r["jump_ratio"] is not None]
-        chunks = [c["identity"] for r in self.rows for c in r["chunks"]]
-        identity = {"identity_per_chunk": sum(chunks) / len(chunks) if chunks else None, "chunks": len(chunks)}
-        return {"videos": n, **accuracy, "all_correct": every, **identity,
-                "jump_ratio_mean": float(np.mean(jumps)) if jumps else None, "with_prompt": with_prompt,
-                "not_world_prompts": self.not_world, "per_video": self.rows}
-
-
 def _reason(error: Exception) -> str:
     """Why a file cannot be used, without its path: ``reason (detail)`` of a media error, else the message."""
     if isinstance(error, MediaReadError):
@@ -222,16 +188,15 @@ def _finite(value: float) -> float | None:
 
 
 def _generated_pass(side: Side, cfg: EvaluateConfig, extractor: FeatureExtractor | None, pairs: dict[Path, Path],
-                    pairwise: Pairwise | None, world: World | None, prompts: dict) -> None:
-    """One pass over the generated files: their clips (from frame 0) to the I3D, the pairwise scores and the
-    world analysis."""
+                    pairwise: Pairwise | None, analysers: dict[str, Analyser], records: dict[Path, dict]) -> None:
+    """One pass over the generated files: their clips (from frame 0) to the I3D, the pairwise scores, and the whole
+    videos with their generation records to the analysers."""
     m = cfg.metrics
     for path in tqdm(side.files, desc="generated videos", unit="video"):
         if side.clips >= m.num_videos:
             break
-        record = prompts.get(path.resolve()) if world is not None else None
         try:
-            clip, frames = _read_clip(path, m, "first", None, whole=record is not None)
+            clip, frames = _read_clip(path, m, "first", None, whole=bool(analysers))
         except (MediaReadError, ValueError) as error:
             side.skip(path, _reason(error))
             continue
@@ -240,8 +205,8 @@ def _generated_pass(side: Side, cfg: EvaluateConfig, extractor: FeatureExtractor
             extractor.add(clip)
         if pairwise is not None and path in pairs:
             pairwise.add(clip, pairs[path], m)
-        if record is not None:
-            world.add(path, frames, *record)
+        for analyser in analysers.values():
+            analyser.add(path, frames, records.get(path.resolve(), {}))
 
 
 def _clips(side: Side, cfg: EvaluateConfig) -> Iterator[np.ndarray]:
@@ -290,15 +255,6 @@ def _pairwise_summary(pairwise: Pairwise | None, generated: Side, m: MetricsConf
     return {"pairs": 0, "note": f"pairwise metrics not computed: {reason}"}
 
 
-def _world_summary(world: World | None, prompts: dict, m: MetricsConfig) -> dict:
-    """The world analysis, or why there is none."""
-    if world is not None:
-        return world.summary(len(prompts))
-    if not m.world:
-        return {"videos": 0, "note": None}
-    return {"videos": 0, "note": "world analysis not computed: no generation_*.json with prompts"}
-
-
 # ---------------------------------------------------------------------------------------------- entry point
 
 
@@ -308,11 +264,13 @@ def evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dict:
     and return the metrics (the content of ``metrics.json``).
 
     Raises:
-        UserError: a folder is missing or holds no video, or ``metrics.i3d`` names a file that is not there.
+        UserError: a folder is missing or holds no video, ``metrics.i3d`` names a file that is not there, or
+            ``metrics.analysers`` an analyser that is not installed.
     """
     m = cfg.metrics
     device = resolve_device(cfg.device)
     generated, real = _videos(cfg.generated, "generated"), _videos(cfg.real, "real")
+    analysers = build_analysers(m.analysers)
     detector = load_i3d(m.i3d, device) if m.i3d is not None else None  # a bad path fails before any work
     if detector is None:
         log(f"{i3d_hint()} (FVD / KVD not computed)")
@@ -322,13 +280,12 @@ def evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dict:
 
     pairs = _pairs(generated, real) if m.pairwise else {}
     pairwise = Pairwise(device, log) if pairs else None
-    prompts = generation_records(generated.folder) if m.world else {}
-    if m.world and not prompts:
-        log(f"world analysis not computed: no generation_*.json with prompts in {generated.folder}")
-    world = World() if prompts else None
+    records = generation_records(generated.folder) if analysers else {}
+    if analysers and not records:
+        log(f"no generation_*.json with prompts in {generated.folder}: the analysers see no prompt")
     extractor = FeatureExtractor(detector, m.batch_size, m.resolution, device) if detector is not None else None
 
-    _generated_pass(generated, cfg, extractor, pairs, pairwise, world, prompts)
+    _generated_pass(generated, cfg, extractor, pairs, pairwise, analysers, records)
     if generated.clips == 0:
         raise UserError(f"generated={cfg.generated}: no usable video (each was unreadable or shorter than "
                         f"{m.frames_per_clip * m.frame_stride} frames)")
@@ -344,11 +301,12 @@ def evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dict:
 
     metrics = {
         "generated": generated.summary(), "real": real.summary(), **distances, "protocol": _protocol(m),
-        "pairwise": _pairwise_summary(pairwise, generated, m), "world": _world_summary(world, prompts, m),
+        "pairwise": _pairwise_summary(pairwise, generated, m),
+        "analysers": {name: analyser.summary() for name, analyser in analysers.items()},
         "device": str(device), "config": config_to_dict(cfg),
     }
     atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "metrics.md", metrics_markdown(metrics))
+    atomic_write_text(out / "metrics.md", metrics_markdown(metrics, analysers))
     log(_headline(metrics) + f" → {out / 'metrics.json'}")
     return metrics
 
@@ -364,8 +322,8 @@ def _headline(metrics: dict) -> str:
         parts.append(f"{metrics['real']['clips']} real; FVD {metrics['fvd']:.2f}, KVD×1000 {metrics['kvd_x1000']:.3f}")
     if metrics["pairwise"].get("pairs"):
         parts.append(f"PSNR {metrics['pairwise']['psnr']:.2f} dB, SSIM {metrics['pairwise']['ssim']:.4f}")
-    if metrics["world"].get("videos"):
-        parts.append(f"world all-correct {metrics['world']['all_correct']:.2f}")
+    if metrics["analysers"]:
+        parts.append(f"analysed by {', '.join(metrics['analysers'])}")
     return "; ".join(parts)
 
 
@@ -376,9 +334,10 @@ def _side_line(side: dict, frames: int) -> str:
     return f"`{side['folder']}`: {side['clips']} clips of {frames} frames ({len(side['skipped'])} files skipped)"
 
 
-def metrics_markdown(metrics: dict) -> str:
-    """A short human-readable report of ``metrics`` (the content of ``metrics.json``)."""
-    g, r, p, w = metrics["generated"], metrics["real"], metrics["pairwise"], metrics["world"]
+def metrics_markdown(metrics: dict, analysers: dict[str, Analyser]) -> str:
+    """A short human-readable report of ``metrics`` (the content of ``metrics.json``), with a section per analyser
+    (each writes its own)."""
+    g, r, p = metrics["generated"], metrics["real"], metrics["pairwise"]
     frames = metrics["protocol"]["frames_per_clip"]
     lines = [
         "# Evaluation", "",
@@ -390,14 +349,9 @@ def metrics_markdown(metrics: dict) -> str:
     if p.get("pairs"):
         lines += [f"| PSNR (dB, {p['pairs']} pairs) | {_show(p['psnr'], 2)} |", f"| SSIM | {_show(p['ssim'], 4)} |",
                   f"| LPIPS | {_show(p['lpips'], 4)} |"]
-    if w.get("videos"):
-        lines += [f"| world {k} accuracy ({w['videos']} videos) | {_show(w[f'{k}_accuracy'], 2)} |"
-                  for k in World.KEYS]
-        lines += [f"| world all correct | {_show(w['all_correct'], 2)} |",
-                  f"| world identity per chunk ({w['chunks']} chunks: colour and shape right) | "
-                  f"{_show(w['identity_per_chunk'], 2)} |",
-                  f"| world jump ratio at chunk joins | {_show(w['jump_ratio_mean'], 2)} |"]
-    notes = [n for n in (metrics.get("note"), p.get("lpips_note"), p.get("note"), w.get("note")) if n]
+    notes = [n for n in (metrics.get("note"), p.get("lpips_note"), p.get("note")) if n]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
+    for name, analyser in analysers.items():
+        lines += ["", f"## Analyser `{name}`", "", *analyser.markdown(metrics["analysers"][name])]
     return "\n".join(lines) + "\n"
