@@ -104,7 +104,9 @@ def test_the_accuracies_are_shares_of_the_videos_graded_right(quick_demo):
     colour = sum(s["colour"] == p[1] for s, p in zip(samples, prompts)) / len(prompts)
     assert quality["color_accuracy"] == pytest.approx(colour)
     assert 0 <= quality["direction_accuracy"] <= 1
-    assert quality["shape_classifier_accuracy"]["world_videos"] == 1.0  # the world's own shapes, every one
+    grader = quality["grader_accuracy"]
+    assert set(grader) == {"world_videos", "autoencoder_reconstructions"}
+    assert grader["world_videos"]["colour"] == grader["world_videos"]["shape"] == 1.0  # the world's own, every one
 
 
 def test_the_guidance_sweep_grades_held_out_and_training_captions_apart(quick_demo):

@@ -352,7 +352,7 @@ def test_the_grader_reads_the_worlds_own_videos_right(tmp_path, spec, boundaries
     like an autoencoder's: 1.0 for colour, shape and direction (every chunk through its bounces)."""
     from scipy.ndimage import gaussian_filter
 
-    from pipelines.demo.grading import grader_accuracy, shape_classifier_accuracy
+    from pipelines.demo.grading import grader_accuracy
 
     make_world(tmp_path, 48, spec, seed=1)
     blur = lambda frames: gaussian_filter(frames.astype(float), (0, 0.8, 0.8, 0)).round().astype(np.uint8)  # noqa: E731
@@ -360,4 +360,3 @@ def test_the_grader_reads_the_worlds_own_videos_right(tmp_path, spec, boundaries
         accuracy = grader_accuracy(tmp_path / "train", 48, reconstruct, boundaries)
         assert accuracy == {"colour": 1.0, "shape": 1.0, "direction": 1.0, "direction_per_chunk": 1.0,
                             "identity_per_chunk": 1.0, "videos": 48, "chunks": 96}
-    assert shape_classifier_accuracy(tmp_path / "train", 8) == 1.0

@@ -103,12 +103,6 @@ def grader_accuracy(world: Path, count: int = 96, reconstruct=None, boundaries: 
             "chunks": len(chunks)}
 
 
-def shape_classifier_accuracy(world: Path, count: int = 96, reconstruct=None) -> float:
-    """How often the grader names the shape of the world's own training videos, or of their reconstructions
-    ``reconstruct(frames)`` (:func:`grader_accuracy`'s ``shape``)."""
-    return grader_accuracy(world, count, reconstruct)["shape"]
-
-
 def plot_identity(curves: dict[str, dict], jumps: dict[str, dict], path: Path) -> None:
     """Identity by chunk index and boundary jump by boundary index, one line per set of videos: the picture of
     "does the video stay the same video"."""

@@ -124,7 +124,7 @@ def _methods_table(q: dict) -> list[str]:
     for method, what in q["methods"].items():
         j = q["jumps"][method]
         lines.append(f"| {method} | {what} | {q['identity'][method]['identity']} | {j['mean']} | "
-                     f"{j.get('failed', '')} | {q['adherence'][method]['adherence']} |")
+                     f"{j['failed_joins']} of {j['joins']} | {q['adherence'][method]['adherence']} |")
     return lines
 
 
@@ -142,7 +142,8 @@ def _continuation_lines(cont: dict | None) -> list[str]:
         f"{_identity_line(cont['identity'])}. Centroid error (px, the object is {cont['object_size_px']:g} px; a "
         f"vanished object counts as the frame's diagonal), mean over videos by frame: {horizon}; at frame "
         f"{error['frame']}: {error['at_frame']} ({error['within_object_at_frame']} of the videos within the "
-        f"object's size). Joins: mean {cont['jumps']['mean']}, failed {cont['jumps'].get('failed', '')}.", "",
+        f"object's size). Joins: mean {cont['jumps']['mean']}, failed {cont['jumps']['failed_joins']} of "
+        f"{cont['jumps']['joins']}.", "",
         "Each pair of rows: the truth above, the continuation below.", "",
         "![continuation](continuation.png)", "",
     ]
@@ -151,7 +152,7 @@ def _continuation_lines(cont: dict | None) -> list[str]:
 def render_report(report: dict, cfg: DemoConfig) -> str:
     """``report.md``: the stages, the targets, then the figures and the pictures."""
     q, g, a, d = report["quality"], report["generation"], report["autoencoder"], report["diffusion"]
-    long, sweep, shape = q["long"], q["guidance_sweep"], q["shape_classifier_accuracy"]
+    long, sweep, grader = q["long"], q["guidance_sweep"], q["grader_accuracy"]
     machine = report["machine"]
     lines = [
         "# Demo report", "",
@@ -180,8 +181,9 @@ def render_report(report: dict, cfg: DemoConfig) -> str:
                      f"{long['method']}): identity {_identity_line(long['identity'])}, mean join "
                      f"{long['jumps']['mean']}; {long['seconds']:.0f} s, peak RSS {long['peak_rss_mb']:.0f} MB |")
     lines += [
-        f"| grader | shape classifier accuracy {shape['world_videos']} on the world's own videos, "
-        f"{shape['autoencoder_reconstructions']} on their autoencoder reconstructions |",
+        "| grader | its own accuracy on the world's videos (and on their autoencoder reconstructions): "
+        + ", ".join(f"{k.replace('_', ' ')} {grader['world_videos'][k]} ({grader['autoencoder_reconstructions'][k]})"
+                    for k in ("colour", "shape", "direction_per_chunk", "identity_per_chunk")) + " |",
         f"| FVD / KVD | {_distances_line(q['video_distances'])} |",
         "",
         "Adherence: colour, shape and direction (every chunk, bounces included) all right. Identity per chunk: colour "

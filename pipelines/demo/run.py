@@ -35,12 +35,12 @@ from pipelines.demo.continuation import continuation
 from pipelines.demo.grading import (
     adherence,
     grade,
+    grader_accuracy,
     identity_summary,
     jumps_summary,
     plot_identity,
     plot_sweep,
     rounded,
-    shape_classifier_accuracy,
 )
 from pipelines.demo.margins import paired_difference
 from pipelines.demo.report import render_report, targets
@@ -260,8 +260,10 @@ def _samples(graded: dict[str, list[dict]]) -> list[dict]:
             for method, analyses in graded.items() for a in analyses]
 
 
-def classifier_accuracies(cfg: DemoConfig, world: Path) -> dict:
-    """The shape classifier on the world's own videos, and on their reconstructions by the demo's autoencoder."""
+def grader_accuracies(cfg: DemoConfig, world: Path, boundaries: list[int]) -> dict:
+    """The grader's own accuracy (colour, shape, direction per chunk, identity per chunk) on the world's own
+    videos cut at the generation's chunk boundaries, and on their reconstructions by the demo's autoencoder (the
+    best any generated video can look)."""
     vae = load_autoencoder(Path(cfg.autoencoder.run.out_dir) / "model", device="cpu")
 
     @torch.no_grad()
@@ -269,8 +271,8 @@ def classifier_accuracies(cfg: DemoConfig, world: Path) -> dict:
         video = as_float_frames(frames).movedim(1, 0)[None]  # [1, 3, f, H, W]
         return decode_video(vae, encode_video(vae, video))[0].clamp(-1, 1)
 
-    return {"world_videos": shape_classifier_accuracy(world),
-            "autoencoder_reconstructions": shape_classifier_accuracy(world, reconstruct=reconstruct)}
+    return {"world_videos": grader_accuracy(world, boundaries=boundaries),
+            "autoencoder_reconstructions": grader_accuracy(world, reconstruct=reconstruct, boundaries=boundaries)}
 
 
 def video_distances(cfg: DemoConfig, results: dict[str, dict], out: Path, log) -> dict:
@@ -346,7 +348,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         q = quality(graded) | {"guidance_sweep": sweep, "long": long, "continuation": continued}
         q["comparisons"] = comparisons(q, sweep)
         q["video_distances"] = video_distances(cfg, results, out, log)
-        q["shape_classifier_accuracy"] = classifier_accuracies(cfg, Path(cfg.autoencoder.data.roots[0]))
+        q["grader_accuracy"] = grader_accuracies(cfg, Path(cfg.autoencoder.data.roots[0]),
+                                                 results["reconstruction"]["samples"][0]["boundaries"])
         curves = {f"{m} ({generation['num_frames']} frames)": q["identity"][m] for m in METHODS}
         jumps = {f"{m} ({generation['num_frames']} frames)": q["jumps"][m] for m in METHODS}
         if long:
