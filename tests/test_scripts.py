@@ -117,3 +117,37 @@ def test_the_four_stages_through_their_scripts(chain, tmp_path):
     assert result.returncode == 0, result.stderr
     videos = sorted(gen.glob("*.mp4"))
     assert len(videos) == 1 and read_frames(videos[0]).shape[0] == 10
+
+
+def test_resuming_another_model_is_refused_in_one_line_and_writes_nothing(chain, tmp_path):
+    """A run folder whose checkpoint holds another model config (here a wider U-Net) is not continued: exit 2,
+    one line naming the changed key, the run's files untouched."""
+    import shutil
+
+    from tests.pipeline_helpers import diffusion_overrides
+
+    run_dir = tmp_path / "dif"
+    shutil.copytree(chain["diffusion"], run_dir)
+    before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    result = run("train_diffusion", *diffusion_overrides(chain["latents"], run_dir), "model.unet.base_channels=16",
+                 "run.device=cpu")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "model.unet.base_channels" in result.stderr and "run.resume=false" in result.stderr
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+
+
+def test_encoding_into_shards_of_other_settings_is_refused_in_one_line(chain, tmp_path):
+    """Latent shards made with other settings (here 6-frame clips instead of 8) are never mixed with new ones:
+    exit 2, one line naming what changed, the folder untouched."""
+    import shutil
+
+    from tests.pipeline_helpers import encode_overrides
+
+    latents = tmp_path / "lat"
+    shutil.copytree(chain["latents"], latents)
+    before = {p: p.read_bytes() for p in sorted(latents.rglob("*")) if p.is_file()}
+    result = run("encode_latents", *encode_overrides(chain["autoencoder"] / "model", chain["videos"], latents),
+                 "clip.num_frames=6")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "made with other settings" in result.stderr and "clip" in result.stderr
+    assert {p: p.read_bytes() for p in sorted(latents.rglob("*")) if p.is_file()} == before

@@ -65,9 +65,11 @@ def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
     return accelerator
 
 
-def start_run(accelerator, config: Any, run: RunConfig, name: str) -> Path:
-    """Create the run folder, write the resolved config (main process) and start the trackers."""
+def start_run(accelerator, config: Any, run: RunConfig, name: str, must_match: tuple[str, ...] = ()) -> Path:
+    """Create the run folder, write the resolved config (main process) and start the trackers; first refuse (one
+    line, nothing written) to continue a checkpoint whose sections ``must_match`` differ from ``config``'s."""
     out = Path(run.out_dir)
+    refuse_another_model(out / "checkpoints", run.resume, config_to_dict(config), must_match)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out)
@@ -289,14 +291,24 @@ class TrainingState:
         if found is None:
             return False
         if config is not None:
-            saved = read_trainer_state(found).get("config", {})
-            changed = _differences({k: saved.get(k) for k in must_match}, {k: config.get(k) for k in must_match})
-            if changed:
-                raise ConfigError(f"{', '.join(changed[:5])}: differ from the checkpoint in {found}; use another "
-                                  f"run.out_dir or run.resume=false to start over")
+            refuse_another_model(root, enabled, config, must_match)
         self.restore(found, accelerator)
         log(f"resumed from {found} (step {self.step})")
         return True
+
+
+def refuse_another_model(root: Path, enabled: bool, config: dict, must_match: tuple[str, ...]) -> None:
+    """A :class:`ConfigError` naming the keys when resuming would continue the latest checkpoint under ``root``
+    with sections ``must_match`` (what defines the model) that differ from ``config``'s: a run never silently
+    continues a different model."""
+    found = latest_checkpoint(root) if enabled and must_match else None
+    if found is None:
+        return
+    saved = read_trainer_state(found).get("config", {})
+    changed = _differences({k: saved.get(k) for k in must_match}, {k: config.get(k) for k in must_match})
+    if changed:
+        raise ConfigError(f"{', '.join(changed[:5])}: differ from the checkpoint in {found}; use another "
+                          f"run.out_dir or run.resume=false to start over")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

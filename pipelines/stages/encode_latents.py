@@ -104,19 +104,21 @@ def encode_latents(cfg: EncodeConfig, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for name in ("shard_*.safetensors", NULL_TEXT, MANIFEST, "encode.yaml"):  # half-written by a killed run
         remove_stale_temporaries(out, name)
-    save_resolved_config(cfg, out, "encode.yaml")
     vae = load_autoencoder(cfg.autoencoder, device=device)
     text_encoder = build_text_encoder(cfg.text)
     if is_trainable(text_encoder):
         log("note: the small text encoder trains with the U-Net; shards store captions only")
         text_encoder = None
-    if text_encoder is not None:
-        text_encoder.to(device)
-        save_tensors({k: v.half() for k, v in text_encoder([""]).items()}, out / NULL_TEXT)
     files = scan_media(cfg.videos, VIDEO_EXTENSIONS)
     if not files:
         raise UserError(f"no video files under {', '.join(cfg.videos)}")
     made_by = fingerprint(cfg, vae, text_encoder)
+    for path in sorted(out.glob("shard_*.safetensors")):  # refuse shards of other settings before writing anything
+        check_fingerprint(path, read_shard_meta(path)["fingerprint"], made_by)
+    save_resolved_config(cfg, out, "encode.yaml")
+    if text_encoder is not None:
+        text_encoder.to(device)
+        save_tensors({k: v.half() for k, v in text_encoder([""]).items()}, out / NULL_TEXT)
     captions = find_captions(cfg.captions, [Path(r) for r in cfg.videos])
     num_shards = -(-len(files) // cfg.videos_per_shard)
     shards, skipped, encoded, start = [], {}, 0, time.perf_counter()

@@ -79,7 +79,7 @@ def model_json(config: AutoencoderConfig) -> dict:
 def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     """Train (or resume) the autoencoder; returns the evaluation summary written to ``eval.json``."""
     accelerator = make_accelerator(cfg.run, find_unused_parameters=True)  # the phases use different parameters
-    out = start_run(accelerator, cfg, cfg.run, "autoencoder")
+    out = start_run(accelerator, cfg, cfg.run, "autoencoder", ("model", "loss"))
     data = cfg.data
     train_set = FrameDataset(data.roots, data.size, data.frames_per_video, "train", data.eval_fraction, data.crop,
                              seed=cfg.run.seed, cache_mb=data.cache_mb)

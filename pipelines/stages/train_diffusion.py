@@ -272,7 +272,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     text = TextConditioning(build_text_encoder(cfg.text), cfg.text, source.cached_null)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, unet=build_unet_config(cfg.model, cfg.text, text.encoder, source.shape[0])))
-    out = start_run(accelerator, cfg, cfg.run, "diffusion")
+    out = start_run(accelerator, cfg, cfg.run, "diffusion", ("model", "text"))
     objective = DiffusionObjective(Denoiser(build_unet(cfg.model.unet, device), cfg.model.prediction), text,
                                    NoiseSchedule.of(cfg.model.schedule), cfg.model)
     optimizer = make_optimizer(objective.parameters(), cfg.optim)
