@@ -92,6 +92,7 @@ GOALS = {  # key: (comparison, bound)
     "unet_train_utilization": (">=", 0.65),
     "latent_vs_pixel_train_speedup": (">=", 8.0),
     "long_video_peak_memory_ratio_256_vs_32": ("<=", 1.15),
+    "continuation_peak_memory_ratio_256_vs_32": ("<=", 1.15),
     "time_per_frame_ratio_256_vs_32": ("within", 0.10),
     "vae_decode_peak_memory_ratio_256_vs_16": ("<=", 1.2),
 }
@@ -360,7 +361,8 @@ def small_vae(base: int):
 
 def child_long_video(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
     """Autoregressive extension to ``frames`` frames with a small random model, then chunked decoding into an
-    MP4 (``pipelines.stages.generate``'s own path): peak memory and time."""
+    MP4 (``pipelines.stages.generate``'s own path): peak memory and time. With ``spec["given"]`` = g > 0 the video
+    continues g given latent frames (``generate``'s ``condition.video``) instead of starting from noise."""
     from diffusion import Denoiser
     from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
     from pipelines.models.diffusion import DiffusionBundle
@@ -393,9 +395,12 @@ def child_long_video(spec: dict, device: torch.device, dtype: torch.dtype) -> di
         writer.write(warm[0], Path(folder) / "warm.mp4", gif=False)
         del warm
 
+        given = torch.randn(1, 4, spec["given"], s, s, device=device) if spec.get("given") else None
+
         def run():
             start = time.perf_counter()
-            latents, _ = autoregressive(bundle, [""], plan(frames), chunk, torch.Generator(device).manual_seed(0))
+            latents, _ = autoregressive(bundle, [""], plan(frames), chunk, torch.Generator(device).manual_seed(0),
+                                        start=given)
             sync(device)
             result["sampling_s"] = time.perf_counter() - start
             writer.write(latents[0], Path(folder) / "video.mp4", gif=False)
@@ -407,7 +412,7 @@ def child_long_video(spec: dict, device: torch.device, dtype: torch.dtype) -> di
         result["runs_s"] = [seconds for seconds, _ in runs]
         result["seconds"], result["sampling_s"] = min(runs)  # best of the runs: the least disturbed
     result["frames"] = frames
-    result["chunks"] = chunk_count(plan(frames), chunk)
+    result["chunks"] = chunk_count(plan(frames), chunk, spec.get("given", 0))
     result["decode_s"] = result["seconds"] - result["sampling_s"]  # decoding and MP4 writing
     result["sampling_s_per_chunk"] = result["sampling_s"] / result["chunks"]  # the first chunk has no guidance
     result["seconds_per_frame"] = result["seconds"] / frames
@@ -557,7 +562,7 @@ def goal_met(key: str, value) -> bool | None:
 
 
 def figures(unet: dict, pixel: dict, long: dict, vae: dict, attn: dict, peak_gflops: float,
-            dtype: str) -> tuple[dict, dict]:
+            dtype: str, continued: dict | None = None) -> tuple[dict, dict]:
     """The ratios, from the absolute results (the U-Nets' counted GFLOP a step beside their speed-ups per step and
     per FLOP), and each memory ratio's spread over the rounds (:func:`ratio_spread`)."""
     ours, theirs = unet["ours"], unet["diffusers"]
@@ -580,6 +585,11 @@ def figures(unet: dict, pixel: dict, long: dict, vae: dict, attn: dict, peak_gfl
         f"time_per_frame_ratio_{lengths[-1]}_vs_{lengths[0]}": ratio(last.get("seconds_per_frame"),
                                                                       first.get("seconds_per_frame")),
     }
+    if continued:  # the same, continuing given frames
+        low, high = min(continued, key=int), max(continued, key=int)
+        key = f"continuation_peak_memory_ratio_{high}_vs_{low}"
+        out[key] = ratio(continued[high].get("growth_mib"), continued[low].get("growth_mib"))
+        spreads[key] = ratio_spread(continued[high], continued[low])
     for out_dtype, name in (("uint8", "vae_decode"), ("float32", "vae_decode_float32")):
         longest, shortest = vae[out_dtype][decodes[-1]], vae[out_dtype][decodes[0]]
         key = f"{name}_peak_memory_ratio_{decodes[-1]}_vs_{decodes[0]}"
@@ -747,6 +757,13 @@ def main(argv: list[str] | None = None) -> dict:
                  "decode_chunk": s["vae_chunk"], "repeat": s["long_repeat"]} for n in s["long_lengths"]},
         s["long_rounds"], args)
     sections["long_video"], clock = time.perf_counter() - clock, time.perf_counter()
+    print("continuing 16 given frames ...", flush=True)
+    continued = run_interleaved("long_video", {
+        str(n): {"frames": n, "chunk": s["long_chunk"], "context": s["long_context"], "latent": s["long_latent"],
+                 "steps": s["long_steps"], "base": s["long_base"], "vae_base": s["vae_base"],
+                 "decode_chunk": s["vae_chunk"], "repeat": s["long_repeat"], "given": 16} for n in s["long_lengths"]},
+        s["long_rounds"], args)
+    sections["continuation"], clock = time.perf_counter() - clock, time.perf_counter()
     print("VAE decoding ...", flush=True)
     vae = {out: run_interleaved("vae_decode", {
         str(n): {"frames": n, "chunk": s["vae_chunk"], "latent": s["vae_latent"], "vae_base": s["vae_base"],
@@ -760,7 +777,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print()
     print_absolute(unet, pixel, long, vae, attn)
-    values, spreads = figures(unet, pixel, long, vae, attn, util_peak, args.dtype)
+    values, spreads = figures(unet, pixel, long, vae, attn, util_peak, args.dtype, continued)
     verdicts = print_table(values, spreads)
     wall = time.perf_counter() - began
     machine["load_average_1min_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
@@ -772,8 +789,8 @@ def main(argv: list[str] | None = None) -> dict:
         "memory_ratio_spread_over_rounds": spreads,
         "goals": verdicts,
         "notes": notes,
-        "absolute": {"unet": unet, "latent_vs_pixel": pixel, "long_video": long, "vae_decode": vae,
-                     "attention": attn},
+        "absolute": {"unet": unet, "latent_vs_pixel": pixel, "long_video": long, "continuation": continued,
+                     "vae_decode": vae, "attention": attn},
         "machine": machine,
         "settings": {"mode": "quick" if args.quick else "full", "device": args.device, "dtype": args.dtype,
                      "ours": OURS, "tokens": TOKENS, **s},

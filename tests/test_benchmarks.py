@@ -34,3 +34,14 @@ def test_speed_ups_per_step_and_per_flop_side_by_side():
     assert set(spreads) == {"long_video_peak_memory_ratio_256_vs_32", "vae_decode_peak_memory_ratio_256_vs_16",
                             "vae_decode_float32_peak_memory_ratio_256_vs_16"}
     assert ratio_spread({"rounds_growth_mib": [None]}, {"rounds_growth_mib": [1.0]}) is None
+
+
+def test_continuing_given_frames_has_a_memory_ratio_of_its_own():
+    unet = {"ours": _unet(2.0, 0.5, 250.0, 80.0), "diffusers": _unet(4.0, 1.0, 350.0, 100.0)}
+    long = {"32": _rounds(100.0), "256": _rounds(110.0)}
+    vae = {out: {"16": _rounds(50.0), "256": _rounds(55.0)} for out in ("uint8", "float32")}
+    continued = {"32": _rounds(100.0, 120.0), "256": _rounds(105.0, 126.0)}
+    values, spreads = figures(unet, {}, long, vae, {}, 250.0, "fp32", continued)
+    assert values["continuation_peak_memory_ratio_256_vs_32"] == pytest.approx(126 / 120)
+    assert spreads["continuation_peak_memory_ratio_256_vs_32"] == pytest.approx([1.05, 1.05])
+

@@ -4,6 +4,7 @@ tiny trained chain, with the bad inputs as one-line errors that leave ``out_dir`
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,21 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(chain, clips, tmp_pat
                            f"out_dir={out}", *args], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
     assert not out.exists()
+
+
+def test_the_conditioning_benchmark_compares_every_task_with_the_truth_and_its_baselines(chain, clips, tmp_path):
+    """``python -m benchmarks.conditioning`` at toy size on the tiny model: every method and baseline scored
+    against the truth, by horizon, written as JSON (the figures themselves mean nothing here)."""
+    from benchmarks.conditioning import main
+
+    result = main(["--model", str(chain["diffusion"]), "--clips", str(clips / "clips"), "--given", "2",
+                   "--horizon", "3", "--every", "2", "--scale", "4", "--steps", "2", "--out",
+                   str(tmp_path / "conditioning.json")])
+    assert json.loads((tmp_path / "conditioning.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["continuation"]) == {"reconstruction", "replacement_same_input", "replacement", "text_only",
+                                           "copy_last_frame"}
+    for row in result["continuation"].values():
+        assert set(row) == {"1-1", "2-3", "all"} and 0 < row["all"]["psnr"] < 100 and -1 <= row["all"]["ssim"] <= 1
+    assert {"diffusion", "linear_blend"} <= set(result["interpolation"])
+    assert {"diffusion", "bicubic"} <= set(result["super_resolution"])
+    assert len(result["clips"]) == 2

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from autoencoder import build_lpips, psnr, ssim
+from autoencoder import build_lpips
 from pipelines.core.config import UserError, config_to_dict, save_resolved_config
 from pipelines.core.devices import resolve_device
 from pipelines.core.files import atomic_write_json, atomic_write_text
 from pipelines.evaluation.analysers import Analyser, build_analysers
 from pipelines.evaluation.config import EvaluateConfig, MetricsConfig
+from pipelines.evaluation.frames import frame_scores
 from pipelines.evaluation.fvd import (
     DETECTOR_KWARGS,
     I3D_URL,
@@ -43,9 +44,7 @@ from pipelines.evaluation.fvd import (
     load_i3d,
 )
 from pipelines.media.datasets import VIDEO_EXTENSIONS, SkippedFileWarning, scan_media
-from pipelines.media.video_io import MediaReadError, as_float_frames, read_frames, video_info
-
-PSNR_CAP = 100.0  # dB: identical frames would be infinite
+from pipelines.media.video_io import MediaReadError, read_frames, video_info
 
 
 @dataclass
@@ -154,11 +153,8 @@ class Pairwise:
         if real.shape != generated.shape:
             self._skip(real_path, f"frames are {real.shape[1:3]}, the generated ones {generated.shape[1:3]}")
             return
-        x, y = as_float_frames(generated, self.device), as_float_frames(real, self.device)
-        self.scores["psnr"].append(psnr(x, y).clamp(max=PSNR_CAP).cpu())
-        self.scores["ssim"].append(ssim(x, y).cpu())
-        if self.lpips is not None:
-            self.scores["lpips"].append(self.lpips(x, y).cpu())
+        for key, values in frame_scores(generated, real, self.lpips, self.device).items():
+            self.scores[key] += values
         self.pairs += 1
 
     def _skip(self, path: Path, reason: str) -> None:
@@ -166,8 +162,8 @@ class Pairwise:
         warnings.warn(f"not pairing {path}: {reason}", SkippedFileWarning, stacklevel=3)
 
     def summary(self, unpaired: int) -> dict:
-        means = {k: float(torch.cat(v).double().mean()) if v else None for k, v in self.scores.items()}
-        frames = int(sum(len(v) for v in self.scores["psnr"]))
+        means = {k: float(np.mean(v)) if v else None for k, v in self.scores.items()}
+        frames = len(self.scores["psnr"])
         return {"pairs": self.pairs, "frames": frames, **means, "lpips_note": self.lpips_note,
                 "unpaired_generated": unpaired, "skipped": self.skipped}
 
