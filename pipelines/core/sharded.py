@@ -20,6 +20,7 @@ checkpoints through ``torch.distributed.checkpoint`` (DCP). The design is ``docs
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,12 @@ class Sharding:
 
     def shard(self, module: nn.Module, blocks: Iterable[nn.Module]) -> nn.Module:
         """Make each of ``blocks`` (submodules of ``module``) a unit of its own, then ``module`` the unit of the
-        rest (in place; parameters become DTensors, so optimisers are made afterwards)."""
+        rest (in place; parameters become DTensors, so optimisers are made afterwards). FSDP2 shards contiguous
+        tensors only: channels-last weights are made contiguous first (channels-last activations still select the
+        channels-last convolution kernels)."""
+        with torch.no_grad():
+            for param in module.parameters():
+                param.data = param.data.contiguous()
         for block in blocks:
             fully_shard(block, mesh=self.mesh, mp_policy=self.policy)
         fully_shard(module, mesh=self.mesh, mp_policy=self.policy)
@@ -98,14 +104,6 @@ def set_gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> None:
         for unit in module.modules():
             if isinstance(unit, FSDPModule):
                 unit.set_requires_gradient_sync(enabled, recurse=False)
-
-
-def reshard(module: nn.Module) -> None:
-    """Free the gathered weights a forward without backward left (the root unit keeps them after its forward,
-    expecting a backward): afterwards the module's state is its shards again."""
-    for unit in module.modules():
-        if isinstance(unit, FSDPModule):
-            unit.reshard()
 
 
 def full_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -150,7 +148,9 @@ def save_sharded_checkpoint(root: Path, step: int, modules: Mapping[str, nn.Modu
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_dcp_state(modules, optimizers, emas), checkpoint_id=tmp / SHARDED_FOLDER)
+    with warnings.catch_warnings():  # torch's own DCP writer asks a tensor for its deprecated TypedStorage
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        dcp.save(_dcp_state(modules, optimizers, emas), checkpoint_id=tmp / SHARDED_FOLDER)
     exports = {name: full_weights(module) for name, module in modules.items()}
     exports |= {f"ema_{name}": full_tensors(ema.state_dict()) for name, ema in emas.items()}
     if main:

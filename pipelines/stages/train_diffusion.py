@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +44,7 @@ from pipelines.core.loop import (
     step_seed,
     train_loop,
 )
-from pipelines.core.sharded import Sharding, reshard, start_sharding
+from pipelines.core.sharded import Sharding, start_sharding
 from pipelines.core.visual import save_contact_sheet
 from pipelines.latents.shards import LatentDataset
 from pipelines.media.datasets import ImageDataset, VideoClipDataset
@@ -350,6 +351,21 @@ def _trained(raw: DiffusionObjective, ema_decay: float, optimizer) -> tuple[dict
     return modules, {"main": optimizer}, emas
 
 
+@contextlib.contextmanager
+def _ema_weights(modules: dict[str, nn.Module], emas: dict) -> Iterator[None]:
+    """The EMA weights in ``modules`` for the block (copied in place: into the shards of a sharded module), the
+    trained ones again after. A sharded module's ``load_state_dict`` first frees the weights its forward passes
+    gathered (FSDP2's pre-load hook), so no gathered EMA weight outlives the block."""
+    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+    for name, ema in emas.items():
+        ema.copy_to(modules[name])
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
+
+
 @torch.no_grad()
 def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Source, prefix: Path,
              sharded: bool = False) -> None:
@@ -363,22 +379,17 @@ def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Sou
     from pipelines.media.video_io import write_video
 
     modules = {name: m for name, m in {"unet": raw.denoiser.net, "text": raw.text.trainable}.items() if m is not None}
-    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
-    for name, ema in emas.items():
-        ema.copy_to(modules[name])
     bundle = DiffusionBundle(raw.denoiser, raw.text.encoder, cfg.text, cfg.model, source.shape, source.autoencoder,
                              null_cache=raw.text.frozen_null())
-    raw.denoiser.eval()
-    try:  # sharded weights are gathered in the compute dtype (bf16): autocast as in training
-        with accelerator.autocast() if sharded else contextlib.nullcontext():
-            denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling)
-            generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
-            latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
-    finally:
-        raw.denoiser.train()
-        for name, module in modules.items():
-            reshard(module)  # the gathered (EMA) weights go; the shards take the trained weights back
-            module.load_state_dict(saved[name])
+    with _ema_weights(modules, emas):
+        raw.denoiser.eval()
+        try:  # sharded weights are gathered in the compute dtype (bf16): autocast as in training
+            with accelerator.autocast() if sharded else contextlib.nullcontext():
+                denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling)
+                generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
+                latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
+        finally:
+            raw.denoiser.train()
     if not accelerator.is_main_process:
         return
     try:
