@@ -155,10 +155,10 @@ def test_a_sharded_checkpoint_holds_shards_and_the_full_weights_gathered_from_th
     # and the samples of step 2
     ddp_files = set(files(ddp["out"]))
     optimiser = {f for f in ddp_files if "/optimizer_main." in f}
-    shards = {f"checkpoints/step_{s:07d}/{SHARDED_FOLDER}{n}" for s in (2, STEPS)
-              for n in ("", "/.metadata", "/__0_0.distcp", "/__1_0.distcp")}
+    shard_files = {f"checkpoints/step_{s:07d}/{SHARDED_FOLDER}{n}" for s in (2, STEPS)
+                   for n in ("", "/.metadata", "/__0_0.distcp", "/__1_0.distcp")}
     samples = {"samples/step_0000002.png", "samples/step_0000002_0.mp4"}
-    assert set(files(fsdp2["out"])) == (ddp_files - optimiser) | shards | samples
+    assert set(files(fsdp2["out"])) == (ddp_files - optimiser) | shard_files | samples
     assert fsdp2["log"].count("diffusion: {") == 1  # one main process reports
 
 
@@ -275,6 +275,18 @@ def test_resuming_at_another_global_batch_or_sharding_is_refused(chain, fsdp2_ch
                            accelerator=two)
     with pytest.raises(ConfigError, match="run.sharding: the checkpoint .* was written with run.sharding=fsdp2"):
         state.maybe_resume(fsdp2_checkpoint_root, True, config=config("run.batch_size=4"), accelerator=two)
+
+
+def test_the_switch_is_a_typed_key_checked_when_the_config_loads():
+    from pipelines.stages.configs import AutoencoderTrainConfig, DiffusionTrainConfig
+
+    assert load_config(DiffusionTrainConfig, None, ["run.sharding=fsdp2"]).run.sharding == "fsdp2"
+    with pytest.raises(ConfigError, match="run.sharding: Invalid value 'zero2'"):
+        load_config(DiffusionTrainConfig, None, ["run.sharding=zero2"])
+    with pytest.raises(ConfigError, match="sharding=fsdp2 runs with mixed_precision no or bf16"):
+        load_config(DiffusionTrainConfig, None, ["run.sharding=fsdp2", "run.mixed_precision=fp16"])
+    with pytest.raises(ConfigError, match="run.sharding: the autoencoder trains data parallel"):
+        load_config(AutoencoderTrainConfig, None, ["run.sharding=fsdp2"])
 
 
 @pytest.fixture
