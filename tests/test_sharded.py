@@ -277,6 +277,31 @@ def test_resuming_at_another_global_batch_or_sharding_is_refused(chain, fsdp2_ch
         state.maybe_resume(fsdp2_checkpoint_root, True, config=config("run.batch_size=4"), accelerator=two)
 
 
+def test_a_non_finite_loss_skips_its_sharded_step(chain, tmp_path, monkeypatch):
+    """Three steps on one sharded process, the second loss NaN: that step changes no shard and no AdamW state, is
+    counted, and training goes on."""
+    import diffusion.denoiser
+    from pipelines.stages.configs import DiffusionTrainConfig
+    from pipelines.stages.train_diffusion import train_diffusion
+
+    weight, calls = diffusion.denoiser.loss_weight, []
+
+    def nan_at_step_two(*args, **kwargs):
+        calls.append(len(calls))
+        return weight(*args, **kwargs) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(diffusion.denoiser, "loss_weight", nan_at_step_two)
+    overrides = [*sharded(chain["latents"], tmp_path, 4, "run.steps=3", "run.checkpoint_every=1",
+                          "run.keep_checkpoints=3", "sample_prompts=[]"), "run.device=cpu"]
+    summary = train_diffusion(load_config(DiffusionTrainConfig, None, overrides), log=lambda *args: None)
+    assert len(calls) == 3 and summary["skipped_steps"] == 1
+    states = [read_sharded(tmp_path / "checkpoints" / f"step_{k:07d}") for k in (1, 2, 3)]
+    assert [int(s["optimizer_main.state.unet.conv_in.weight.step"]) for s in states] == [1, 1, 2]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # step 2 changed nothing
+    assert all(torch.isfinite(v).all() for v in states[2].values() if v.is_floating_point())
+    assert not torch.distributed.is_initialized()  # the one-process group is gone with the run
+
+
 def test_the_switch_is_a_typed_key_checked_when_the_config_loads():
     from pipelines.stages.configs import AutoencoderTrainConfig, DiffusionTrainConfig
 
@@ -325,6 +350,7 @@ def test_bf16_gathers_and_computes_in_bf16_and_keeps_fp32_shards_and_gradients()
     the shards, their gradients (reduced in fp32) and so AdamW stay fp32; fp32 inputs meet bf16 weights under
     autocast, as in the training loop and in sampling. With the GPU config's channels-last weights and
     activation checkpointing."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from diffusion import UNet3D
@@ -343,6 +369,8 @@ def test_bf16_gathers_and_computes_in_bf16_and_keeps_fp32_shards_and_gradients()
             out = net(torch.randn(2, 4, 3, 8, 8), torch.randn(2))
         out.float().square().mean().backward()
         assert set(gathered) == {torch.bfloat16} and sharding.policy.reduce_dtype == torch.float32
+        units = [m for m in net.modules() if isinstance(m, FSDPModule)]  # each block its own unit, and the root
+        assert units == [net, *unet_blocks(net)] and len(units) == 25  # 24 blocks: residual, attention, resampling
         for p in net.parameters():
             assert isinstance(p, DTensor) and p.dtype == torch.float32 and p.grad.dtype == torch.float32
     finally:
