@@ -66,9 +66,11 @@ def run(cmd: list[str], tmp: Path, timeout: float = 180) -> str:
 
 
 def diffusion(latents: Path, out: Path, batch: int, *extra: str) -> list[str]:
-    """The tiny model, trained also to continue clips from known first frames (their draws are per sample too)."""
+    """The tiny model, trained also to continue clips from known first frames (their draws are per sample too),
+    its gradient clipped at every step (its norm is about 0.4): clipping must take the norm of the whole gradient,
+    however it is split over processes, or the AdamW moments part."""
     return [*diffusion_overrides(latents, out, steps=STEPS), f"run.batch_size={batch}", "model.unet.known_frames=true",
-            *extra]
+            "optim.max_grad_norm=0.1", *extra]
 
 
 def final_checkpoint(out: Path, step: int = STEPS) -> Path:

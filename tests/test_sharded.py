@@ -126,13 +126,31 @@ def fsdp2_single(chain, work) -> dict:
 
 @pytest.mark.slow
 def test_fsdp2_trains_the_model_ddp_and_one_process_train(fsdp2, fsdp2_single, ddp, single):
-    """Weights, EMA and loss curve of FSDP2 on 2 processes equal DDP's on 2 and one process's at the same global
-    batch; FSDP2 on one process equals one plain process."""
+    """Weights, EMA, AdamW moments and loss curve of FSDP2 on 2 processes equal DDP's on 2 and one process's at
+    the same global batch; FSDP2 on one process equals one plain process."""
     for run_a, run_b in ((fsdp2, ddp), (fsdp2, single), (fsdp2_single, single)):
         assert_same_losses(run_a["out"], run_b["out"])
         for step in (2, STEPS):
             name = f"checkpoints/step_{step:07d}"
             assert assert_same_state(run_a["out"] / name, run_b["out"] / name, names=WEIGHTS) < TOL
+            _assert_same_moments(run_a["out"] / name, run_b["out"] / name)
+
+
+def _assert_same_moments(sharded_checkpoint: Path, checkpoint: Path) -> None:
+    """The AdamW moments of a sharded checkpoint (keyed by parameter name) and of an unsharded one (keyed by the
+    parameter's index in the optimiser: the U-Net's, then the text encoder's) agree within the tolerance: the
+    gradients were reduced, averaged and clipped alike."""
+    from pipelines.models.diffusion import load_diffusion
+
+    bundle = load_diffusion(checkpoint)
+    names = [f"unet.{n}" for n, _ in bundle.denoiser.net.named_parameters()]
+    names += [f"text.{n}" for n, _ in bundle.text_encoder.named_parameters()]
+    shards, state = read_sharded(sharded_checkpoint), load_file(checkpoint / "optimizer_main.safetensors")
+    assert len(state) == 3 * len(names)  # exp_avg, exp_avg_sq, step per parameter
+    for i, name in enumerate(names):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            a, b = shards[f"optimizer_main.state.{name}.{moment}"].double(), state[f"optimizer_main.state.{i}.{moment}"]
+            assert float((a - b.double()).norm()) <= TOL * float(b.double().norm()) + 1e-12, (name, moment)
 
 
 @pytest.mark.slow
