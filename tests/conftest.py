@@ -1,5 +1,6 @@
-"""Shared fixtures: deterministic seeds, and one small on-disk chain (videos → VAE → latents → model) that the
-pipeline tests build once per session."""
+"""Shared fixtures: deterministic seeds, one small on-disk chain (videos → VAE → latents → model) that the
+pipeline tests build once per session, and the two data-parallel reference runs the multi-process tests compare
+with."""
 
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pipelines.stages.configs import AutoencoderTrainConfig, DiffusionTrainConfi
 from pipelines.stages.encode_latents import encode_latents
 from pipelines.stages.train_autoencoder import train_autoencoder
 from pipelines.stages.train_diffusion import train_diffusion
+from tests.launches import GLOBAL_BATCH, command, diffusion, run
 from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides, encode_overrides, make_test_videos
 
 
@@ -32,3 +34,19 @@ def chain(tmp_path_factory) -> dict[str, Path]:
     train_diffusion(load_config(DiffusionTrainConfig, None, diffusion_overrides(root / "lat", root / "dif")), quiet)
     return {"root": root, "videos": videos, "autoencoder": root / "ae", "latents": root / "lat",
             "diffusion": root / "dif"}
+
+
+@pytest.fixture(scope="session")
+def ddp(chain, tmp_path_factory) -> dict:
+    """The tiny model trained by two processes at batch 4 (global batch 8), data parallel."""
+    work = tmp_path_factory.mktemp("ddp")
+    cmd = command("train_diffusion.py", diffusion(chain["latents"], work / "ddp", GLOBAL_BATCH // 2), processes=2)
+    return {"out": work / "ddp", "cmd": cmd, "log": run(cmd, work)}
+
+
+@pytest.fixture(scope="session")
+def single(chain, tmp_path_factory) -> dict:
+    """The same model trained by one process at batch 8."""
+    work = tmp_path_factory.mktemp("single")
+    cmd = command("train_diffusion.py", diffusion(chain["latents"], work / "single", GLOBAL_BATCH), processes=1)
+    return {"out": work / "single", "cmd": cmd, "log": run(cmd, work)}

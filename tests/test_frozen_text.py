@@ -17,7 +17,9 @@ from safetensors.torch import load_file
 
 import diffusion.denoiser
 import pipelines.models.diffusion as model_bundle
+from pipelines.core.checkpoint import read_trainer_state
 from pipelines.core.config import load_config
+from pipelines.core.sharded import read_sharded
 from pipelines.latents.shards import NULL_TEXT, LatentDataset
 from pipelines.models.config import SamplingConfig
 from pipelines.models.diffusion import load_diffusion, resolve_checkpoint
@@ -230,6 +232,27 @@ def test_on_the_fly_frozen_embeddings_train_guidance_with_the_encoders_null(worl
         "context_frames=2", "sampling.steps=2", "sampling.guidance=2.0", "device=cpu"]), quiet)
     assert len(summary["samples"]) == 1 and (tmp_path / "generated" / summary["samples"][0]["file"]).is_file()
     assert torch.equal(spy.guidance_nulls[-1]["cond"], null)
+
+
+def test_a_sharded_run_keeps_the_frozen_encoders_null_and_resumes(world, tmp_path, monkeypatch):
+    """``run.sharding=fsdp2`` (one process): the frozen encoder stays whole, outside the shards; its null is in the
+    sharded state (replicated) and exported beside the gathered weights, sampling and a resume use it."""
+    text = ["text.kind=open_clip", *world["clip"], "run.sharding=fsdp2"]
+    spy = _train(world, world["root"] / "lat_clip", tmp_path, text, monkeypatch, samples=True)
+    null = spy.null()
+    _assert_guidance_was_trained(spy, null)
+    assert spy.guidance_nulls and all(torch.equal(n["cond"], null) for n in spy.guidance_nulls)  # the samples
+    _assert_checkpoint_and_bundle_keep_the_null(tmp_path, null)
+    sharded = read_sharded(resolve_checkpoint(tmp_path))
+    assert torch.equal(sharded["null_text.tensors.cond"], null)
+    logs: list[str] = []
+    overrides = diffusion_overrides(world["root"] / "lat_clip", tmp_path, steps=4) + text + \
+        [f"model.p_uncond={P_UNCOND}", "optim.lr=1e-2", "sample_prompts=[]"]
+    train_diffusion(load_config(DiffusionTrainConfig, None, overrides), lambda *a, **k: logs.append(" ".join(a)))
+    assert any(line.startswith(f"resumed from {resolve_checkpoint(tmp_path).parent / 'step_0000002'}")
+               for line in logs)
+    assert read_trainer_state(resolve_checkpoint(tmp_path))["step"] == 4
+    assert all(torch.equal(c["null"], null) for c in spy.drops)  # the resumed steps too
 
 
 # ---------------------------------------------------------------------------------------------- trainable encoder

@@ -130,14 +130,33 @@ def save_checkpoint(
     final = root / f"step_{step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}."))
     try:
-        for name, tensors in modules.items():
-            save_tensors(tensors, tmp / f"{name}.safetensors")
-        for name, state in states.items():
-            save_state_file(state, tmp, name)
-        for name, obj in (json_files or {}).items():
-            atomic_write_json(tmp / name, obj)
-        atomic_write_json(tmp / "trainer_state.json", {"step": step, **info})
-        fsync_directory(tmp)
+        write_checkpoint_files(tmp, step, modules, states, info, json_files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(root, tmp, final, keep)
+
+
+def write_checkpoint_files(directory: Path, step: int, modules: Mapping[str, Mapping[str, torch.Tensor]],
+                           states: Mapping[str, Any], info: Mapping[str, Any],
+                           json_files: Mapping[str, Any] | None = None) -> None:
+    """Write a checkpoint's files into ``directory`` (a temporary one): ``name.safetensors`` per module, a
+    safetensors + JSON pair per nested state, the ``json_files``, then ``trainer_state.json`` (its presence
+    marks a complete checkpoint), and make them durable."""
+    for name, tensors in modules.items():
+        save_tensors(tensors, directory / f"{name}.safetensors")
+    for name, state in states.items():
+        save_state_file(state, directory, name)
+    for name, obj in (json_files or {}).items():
+        atomic_write_json(directory / name, obj)
+    atomic_write_json(directory / "trainer_state.json", {"step": step, **info})
+    fsync_directory(directory)
+
+
+def commit_checkpoint(root: Path, tmp: Path, final: Path, keep: int) -> Path:
+    """Rename the complete temporary checkpoint ``tmp`` to ``final``, point ``root/latest`` at it and prune
+    (:func:`_prune`); a kill at any instant leaves ``latest`` on the previous checkpoint or on this one."""
+    try:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -82,6 +82,10 @@ class RunConfig:
     ema_decay: float = 0.999  # 0 disables the EMA
     report_to: Literal["none", "tensorboard", "wandb", "all"] = "none"  # accelerate trackers, beside loss.csv/png
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops (each one skips its step)
+    sharding: Literal["none", "fsdp2"] = "none"  # none: data parallel (DDP), every process holds the whole model;
+    # fsdp2: weights, gradients, AdamW moments and EMA sharded over the processes block by block (FSDP2, gradients
+    # reduced in fp32), sharded checkpoints (torch.distributed.checkpoint) plus full safetensors weights; the
+    # diffusion trainer only, with mixed_precision no or bf16 (docs/sharded-training.md)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints",
@@ -94,6 +98,9 @@ class RunConfig:
         _at_least("num_workers", self.num_workers, 0)
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.sharding == "fsdp2" and self.mixed_precision == "fp16":
+            raise ValueError("sharding=fsdp2 runs with mixed_precision no or bf16 (fp16 would need a sharded loss "
+                             "scaler), got fp16")
 
 
 def _at_least(name: str, value: float, low: float) -> None:

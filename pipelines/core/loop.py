@@ -2,10 +2,11 @@
 per-step seeding, optimisers with warm-up, checkpoints that hold the full training state, and logging.
 
 A trainer supplies its modules and one or more :class:`Phase` (an optimiser and the loss of a micro-batch);
-:func:`train_loop` does the rest: gradient accumulation through ``accelerator.accumulate`` (DDP synchronises
-only the last micro-batch; accelerate's ``backward`` divides by the number of micro-batches), clipping, skipping
-non-finite steps, EMA, the learning-rate schedule, CSV / PNG / tracker logs, checkpoint and sample cadence,
-resume and timing.
+:func:`train_loop` does the rest: gradient accumulation (each micro-batch's loss divided by their number; DDP
+through ``accelerator.accumulate``, FSDP2 by switching its reduce-scatter off, both synchronise only the last
+micro-batch), clipping, skipping non-finite steps, EMA, the learning-rate schedule, CSV / PNG / tracker logs,
+checkpoint and sample cadence, resume and timing. Sharded modules (``run.sharding=fsdp2``) are the trainer's to
+build (:mod:`pipelines.core.sharded`); the loop and :class:`TrainingState` see them through ``sharded``.
 
 Resumption is exact: the data order is a pure function of ``(seed, epoch)`` and every step reseeds torch from
 ``(seed, rank, step)``, so a run killed at any step and resumed from its last checkpoint continues with the same
@@ -15,6 +16,7 @@ safetensors, no pickles).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -31,12 +33,14 @@ from tqdm.auto import tqdm
 
 from pipelines.core.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from pipelines.core.config import ConfigError, OptimConfig, RunConfig, UserError, config_to_dict, save_resolved_config
+from pipelines.core.sharded import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint, set_gradient_sync
 from pipelines.core.visual import LossLog
 
 
 def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
     """An ``accelerate.Accelerator`` for the run (device placement, mixed precision, accumulation, processes,
-    trackers). Processes, FSDP and DeepSpeed come from ``accelerate launch`` and its config file.
+    trackers). Processes come from ``accelerate launch`` and its config file; sharding (``run.sharding``) is the
+    trainer's, on the process group accelerate makes here.
 
     Without CUDA, ``run.device=auto`` under a multi-process launch means the CPU (gloo): asked for a GPU setup on
     a machine without one, accelerate would otherwise start every process as a lone "main" process, all training
@@ -69,7 +73,8 @@ def start_run(accelerator, config: Any, run: RunConfig, name: str, must_match: t
     """Create the run folder, write the resolved config (main process) and start the trackers; first refuse (one
     line, nothing written) to continue a checkpoint whose sections ``must_match`` differ from ``config``'s."""
     out = Path(run.out_dir)
-    refuse_another_model(out / "checkpoints", run.resume, config_to_dict(config), must_match)
+    refuse_another_model(out / "checkpoints", run.resume, config_to_dict(config), must_match,
+                         accelerator.num_processes)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, out)
@@ -243,31 +248,52 @@ class TrainingState:
     seconds: float = 0.0  # training time accumulated over all resumed runs
     skipped_steps: int = 0  # steps skipped for a non-finite loss
     bad_in_a_row: int = 0  # consecutive skipped steps up to now
+    sharded: bool = False  # run.sharding=fsdp2: the modules are FSDP2's, checkpoints go through DCP
 
     def save(self, accelerator, root: Path, config: dict, keep: int, json_files: Optional[dict] = None,
              info: Optional[dict] = None) -> Optional[Path]:
-        """Write a checkpoint (main process only, after all processes reach this point); ``info`` joins the
-        checkpoint's ``trainer_state.json`` before the checkpoint is renamed into place."""
+        """Write a checkpoint (every process calls this; the main process writes, sharded checkpoints are written
+        by all); ``info`` joins the checkpoint's ``trainer_state.json`` before the checkpoint is renamed into
+        place, with the process count and the global batch it was trained at."""
         accelerator.wait_for_everyone()
-        modules = {name: accelerator.get_state_dict(m) for name, m in self.modules.items()}  # every rank: FSDP
-        if not accelerator.is_main_process:
-            return None
-        modules.update({f"ema_{name}": ema.state_dict() for name, ema in self.emas.items()})
-        states = {f"optimizer_{name}": opt.state_dict() for name, opt in self.optimizers.items()}
-        if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
-            states["grad_scaler"] = accelerator.scaler.state_dict()
         meta = {
             "config": config,
             "seconds": self.seconds,
             "skipped_steps": self.skipped_steps,
             "bad_in_a_row": self.bad_in_a_row,
             "ema_updates": {name: ema.num_updates for name, ema in self.emas.items()},
+            "processes": accelerator.num_processes,
+            "global_batch": _global_batch(config, accelerator.num_processes),
             **(info or {}),
         }
+        if self.sharded:
+            return save_sharded_checkpoint(root, self.step, self.modules, self.optimizers, self.emas, meta, keep,
+                                           json_files)
+        modules = {name: accelerator.get_state_dict(m) for name, m in self.modules.items()}
+        if not accelerator.is_main_process:
+            return None
+        modules.update({f"ema_{name}": ema.state_dict() for name, ema in self.emas.items()})
+        states = {f"optimizer_{name}": opt.state_dict() for name, opt in self.optimizers.items()}
+        if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker
+            states["grad_scaler"] = accelerator.scaler.state_dict()
         return save_checkpoint(root, self.step, modules, states, meta, keep=keep, json_files=json_files)
 
     def restore(self, directory: Path, accelerator=None) -> dict:
         """Load a checkpoint written by :meth:`save` into the live objects; returns its ``trainer_state``."""
+        if self.sharded:
+            info = read_trainer_state(directory)
+            load_sharded_checkpoint(directory, self.modules, self.optimizers, self.emas)
+            for name, ema in self.emas.items():
+                ema.num_updates = info["ema_updates"][name]
+        else:
+            info = self._restore_files(directory, accelerator)
+        self.step, self.seconds = int(info["step"]), float(info.get("seconds", 0.0))
+        self.skipped_steps = int(info.get("skipped_steps", 0))
+        self.bad_in_a_row = int(info.get("bad_in_a_row", 0))
+        return info
+
+    def _restore_files(self, directory: Path, accelerator=None) -> dict:
+        """Load an unsharded checkpoint (full weights, EMA and optimiser state in safetensors); its info."""
         modules, states, info = load_checkpoint(directory)
         for name, module in self.modules.items():
             _unwrap(module).load_state_dict(modules[name])
@@ -277,38 +303,60 @@ class TrainingState:
             optimizer.load_state_dict(states[f"optimizer_{name}"])
         if accelerator is not None and accelerator.scaler is not None and "grad_scaler" in states:
             accelerator.scaler.load_state_dict(states["grad_scaler"])
-        self.step, self.seconds = int(info["step"]), float(info.get("seconds", 0.0))
-        self.skipped_steps = int(info.get("skipped_steps", 0))
-        self.bad_in_a_row = int(info.get("bad_in_a_row", 0))
         return info
 
     def maybe_resume(self, root: Path, enabled: bool, log=print, config: Optional[dict] = None,
                      must_match: tuple[str, ...] = (), accelerator=None) -> bool:
         """Resume from ``root``'s latest checkpoint when there is one and ``enabled``. The sections
         ``must_match`` of the saved config (what defines the model) must equal ``config``'s: a run never silently
-        continues a different model."""
+        continues a different model. The process count may change, the global batch and the sharding may not
+        (:func:`_check_continuation`)."""
         found = latest_checkpoint(root) if enabled else None
         if found is None:
             return False
         if config is not None:
-            refuse_another_model(root, enabled, config, must_match)
+            refuse_another_model(root, enabled, config, must_match, 1 if accelerator is None
+                                 else accelerator.num_processes)
         self.restore(found, accelerator)
         log(f"resumed from {found} (step {self.step})")
         return True
 
 
-def refuse_another_model(root: Path, enabled: bool, config: dict, must_match: tuple[str, ...]) -> None:
+def refuse_another_model(root: Path, enabled: bool, config: dict, must_match: tuple[str, ...],
+                         processes: int) -> None:
     """A :class:`ConfigError` naming the keys when resuming would continue the latest checkpoint under ``root``
-    with sections ``must_match`` (what defines the model) that differ from ``config``'s: a run never silently
-    continues a different model."""
+    with sections ``must_match`` (what defines the model) that differ from ``config``'s, or at another global batch
+    or sharding (:func:`_check_continuation`): a run never silently continues a different run."""
     found = latest_checkpoint(root) if enabled and must_match else None
     if found is None:
         return
-    saved = read_trainer_state(found).get("config", {})
-    changed = _differences({k: saved.get(k) for k in must_match}, {k: config.get(k) for k in must_match})
+    saved = read_trainer_state(found)
+    changed = _differences({k: saved.get("config", {}).get(k) for k in must_match},
+                           {k: config.get(k) for k in must_match})
     if changed:
         raise ConfigError(f"{', '.join(changed[:5])}: differ from the checkpoint in {found}; use another "
                           f"run.out_dir or run.resume=false to start over")
+    _check_continuation(saved, config, processes, found)
+
+
+def _global_batch(config: Mapping, processes: int) -> int:
+    """Samples per optimiser step: ``run.batch_size × processes × run.grad_accum``."""
+    return config["run"]["batch_size"] * processes * config["run"]["grad_accum"]
+
+
+def _check_continuation(saved: Mapping, config: Mapping, processes: int, found: Path) -> None:
+    """A run resumes at another process count (elastic) only at the same global batch, which fixes its sample
+    sequence (:class:`IndexStream`, the per-sample slots), and only with the sharding its checkpoint was written
+    with (its files differ); anything else is a one-line :class:`ConfigError`."""
+    run, batch = config["run"], _global_batch(config, processes)
+    if "global_batch" in saved and batch != saved["global_batch"]:
+        raise ConfigError(f"run.batch_size: the global batch run.batch_size × processes × run.grad_accum = "
+                          f"{run['batch_size']} × {processes} × {run['grad_accum']} = {batch} differs from the "
+                          f"{saved['global_batch']} of the checkpoint in {found}; resume at that global batch")
+    before = saved.get("config", {}).get("run", {}).get("sharding", "none")
+    if before != run.get("sharding", "none"):
+        raise ConfigError(f"run.sharding: the checkpoint in {found} was written with run.sharding={before}; resume "
+                          f"with it, or use another run.out_dir")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -341,12 +389,16 @@ def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generato
     when a loss on any process is not finite."""
     phase.optimizer.zero_grad(set_to_none=True)  # also drops gradients another phase's loss left here
     finite, step_logs = torch.ones((), device=accelerator.device), defaultdict(list)
-    for batch in micro:
-        with accelerator.accumulate(*phase.modules):
+    sharded = is_sharded(phase.modules)
+    for i, batch in enumerate(micro):
+        with _micro_batch(accelerator, phase.modules, sharded, last=i == len(micro) - 1):
             with accelerator.autocast():
                 loss, items = phase.loss(batch, generator)
             finite = finite * torch.isfinite(loss.detach()).float()
-            accelerator.backward(loss)  # divides by grad_accum; DDP all-reduces on the last micro-batch only
+            if sharded:  # FSDP2 reduce-scatters the mean over processes after the last micro-batch
+                (loss / len(micro)).backward()
+            else:  # divides by grad_accum; DDP all-reduces on the last micro-batch only
+                accelerator.backward(loss)
         for key, value in items.items():
             step_logs[key].append(value)
     if accelerator.num_processes > 1:
@@ -357,10 +409,26 @@ def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generato
     for key, values in step_logs.items():
         logs[key].extend(values)
     if optim.max_grad_norm > 0:
-        accelerator.clip_grad_norm_([p for m in phase.modules for p in m.parameters()], optim.max_grad_norm)
+        params = [p for m in phase.modules for p in m.parameters()]
+        if sharded:  # DTensor gradients: torch's clipping takes the norm of the whole gradient across processes
+            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        else:
+            accelerator.clip_grad_norm_(params, optim.max_grad_norm)
     phase.optimizer.step()
     phase.optimizer.zero_grad(set_to_none=True)
     return True
+
+
+@contextlib.contextmanager
+def _micro_batch(accelerator, modules: tuple[nn.Module, ...], sharded: bool, last: bool) -> Iterator[None]:
+    """One micro-batch's forward and backward: gradients synchronised across processes on the step's last
+    micro-batch only (DDP: accelerate's ``accumulate`` and ``no_sync``; FSDP2: its reduce-scatter switched)."""
+    if sharded:
+        set_gradient_sync(modules, last)
+        yield
+        return
+    with accelerator.accumulate(*modules):
+        yield
 
 
 def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingState, batches: Iterator,

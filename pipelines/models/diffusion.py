@@ -116,6 +116,13 @@ def build_unet_config(model: DiffusionModelConfig, text: TextConfig, text_encode
                                context_dim=context_dim)
 
 
+def unet_blocks(net: UNet3D) -> list[nn.Module]:
+    """The U-Net's blocks in forward order (every residual, attention, down- and up-sampling block of the down,
+    middle and up stages): the units it is sharded in, each gathered whole for its forward and backward. What
+    lies outside them (embeddings, the input and output convolutions) belongs to the root unit."""
+    return [block for stage in (*net.down, net.mid, *net.up) for block in stage]
+
+
 def sample(bundle: DiffusionBundle, denoise, shape: tuple[int, ...], sampling: SamplingConfig,
            generator: torch.Generator, progress: bool = False) -> Tensor:
     """Run the configured sampler from ``z_1 ~ N(0, I)`` of ``shape``; ``generator`` lives on the model's device

@@ -164,6 +164,12 @@ def build_text_encoder(config: TextConfig) -> Optional[nn.Module]:
     return OpenCLIPTextEncoder(config.model, config.pretrained, config.cache_dir)
 
 
+def text_blocks(encoder: SmallTextEncoder) -> list[nn.Module]:
+    """The trainable encoder's transformer layers: the units it is sharded in (the token embedding and the final
+    norm belong to the root unit)."""
+    return list(encoder.transformer.layers)
+
+
 def is_trainable(encoder: Optional[nn.Module]) -> bool:
     """Whether the encoder learns with the U-Net (the small one) or is frozen (open_clip)."""
     return isinstance(encoder, SmallTextEncoder)

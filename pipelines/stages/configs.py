@@ -35,6 +35,10 @@ class AutoencoderTrainConfig:
     scale_frames: int = 256  # training frames for the latent scale (1 / std)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
 
+    def __post_init__(self) -> None:
+        if self.run.sharding != "none":
+            raise ValueError(f"run.sharding: the autoencoder trains data parallel (none), got {self.run.sharding}")
+
 
 @dataclass
 class EncodeConfig:

@@ -1,7 +1,8 @@
 """Stage 2 training: the space-time U-Net on cached latent clips (or on videos encoded on the fly).
 
 ``train_diffusion(config)`` is what ``scripts/train_diffusion.py`` runs, on the shared loop of
-:mod:`pipelines.core.loop` (processes, bf16, gradient accumulation, EMA, checkpoints, resume). This module adds
+:mod:`pipelines.core.loop` (processes, bf16, gradient accumulation, EMA, checkpoints, resume), data parallel or,
+with ``run.sharding=fsdp2``, sharded block by block (:mod:`pipelines.core.sharded`). This module adds
 what is the diffusion model's own: where clips come from and where their windows lie, joint image–video batches
 (paper §3), conditioning dropout for classifier-free guidance, frame-position policy, known first frames (and
 for a network trained for conditional generation, and sample videos.
@@ -16,8 +17,10 @@ torch's global generator, reseeded per step and process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -41,13 +44,14 @@ from pipelines.core.loop import (
     step_seed,
     train_loop,
 )
+from pipelines.core.sharded import Sharding, start_sharding
 from pipelines.core.visual import save_contact_sheet
 from pipelines.latents.shards import LatentDataset
 from pipelines.media.datasets import ImageDataset, VideoClipDataset
 from pipelines.models.conditioning import TextConditioning
 from pipelines.models.config import DiffusionModelConfig
-from pipelines.models.diffusion import DiffusionBundle, build_unet, build_unet_config, sample
-from pipelines.models.text import build_text_encoder
+from pipelines.models.diffusion import DiffusionBundle, build_unet, build_unet_config, sample, unet_blocks
+from pipelines.models.text import build_text_encoder, text_blocks
 from pipelines.stages.configs import DiffusionDataConfig, DiffusionTrainConfig
 
 
@@ -275,11 +279,13 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     out = start_run(accelerator, cfg, cfg.run, "diffusion", ("model", "text"))
     objective = DiffusionObjective(Denoiser(build_unet(cfg.model.unet, device), cfg.model.prediction), text,
                                    NoiseSchedule.of(cfg.model.schedule), cfg.model)
-    optimizer = make_optimizer(objective.parameters(), cfg.optim)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    objective.text.to_device(device)
+    sharding = _shard(objective, cfg.run.mixed_precision, device) if cfg.run.sharding == "fsdp2" else None
+    optimizer = make_optimizer(objective.parameters(), cfg.optim)  # of the sharded parameters, under sharding
+    if sharding is None:  # data parallel: accelerate's DDP (sharded modules are not prepared)
+        objective, optimizer = accelerator.prepare(objective, optimizer)
     raw = accelerator.unwrap_model(objective)
-    raw.text.to_device(device)
-    state = TrainingState(*_trained(raw, cfg.run.ema_decay, optimizer))
+    state = TrainingState(*_trained(raw, cfg.run.ema_decay, optimizer), sharded=sharding is not None)
     state.maybe_resume(out / "checkpoints", cfg.run.resume, log, config_to_dict(cfg), ("model", "text"), accelerator)
     started_at = state.step  # 0: a fresh run; run.steps: everything reused
     global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
@@ -294,7 +300,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     checkpoint = lambda: state.save(accelerator, out / "checkpoints", config_to_dict(cfg),  # noqa: E731
                                     cfg.run.keep_checkpoints, info=info)
     samples = lambda step: _samples(cfg, accelerator, raw, state.emas, source,  # noqa: E731
-                                    out / "samples" / f"step_{step:07d}")
+                                    out / "samples" / f"step_{step:07d}", sharded=sharding is not None)
     phases = [Phase("main", optimizer, (objective,), loss, cfg.optim.lr)]
     losses = train_loop(cfg.run, cfg.optim, accelerator, state, index_batches(source.dataset, cfg.run, accelerator,
                         state.step), phases, desc="diffusion", checkpoint=checkpoint, sample=samples,
@@ -307,7 +313,21 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
         atomic_write_json(out / "summary.json", summary)
         log(f"diffusion: {json.dumps(summary)}")
     finish_run(accelerator)
+    if sharding is not None:
+        sharding.close()
     return summary
+
+
+def _shard(objective: DiffusionObjective, mixed_precision: str, device: torch.device) -> Sharding:
+    """FSDP2 over the trained modules (in place): the U-Net with each of its blocks a unit, a trainable text
+    encoder with each transformer layer a unit. All processes built the same initial weights from the seed, so
+    each keeps its shard of them; nothing is broadcast."""
+    sharding = start_sharding(device, mixed_precision)
+    objective.to(device)
+    sharding.shard(objective.denoiser.net, unet_blocks(objective.denoiser.net))
+    if objective.text.trainable is not None:
+        sharding.shard(objective.text.trainable, text_blocks(objective.text.trainable))
+    return sharding
 
 
 def _trained(raw: DiffusionObjective, ema_decay: float, optimizer) -> tuple[dict, dict, dict]:
@@ -322,28 +342,47 @@ def _trained(raw: DiffusionObjective, ema_decay: float, optimizer) -> tuple[dict
     return modules, {"main": optimizer}, emas
 
 
+@contextlib.contextmanager
+def _ema_weights(modules: dict[str, nn.Module], emas: dict) -> Iterator[None]:
+    """The EMA weights in ``modules`` for the block (copied in place: into the shards of a sharded module), the
+    trained ones again after. A sharded module's ``load_state_dict`` first frees the weights its forward passes
+    gathered (FSDP2's pre-load hook), so no gathered EMA weight outlives the block."""
+    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
+    for name, ema in emas.items():
+        ema.copy_to(modules[name])
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
+
+
 @torch.no_grad()
-def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Source, prefix: Path) -> None:
-    """Sample the prompts with the EMA weights; write a contact sheet (and videos when a VAE is at hand)."""
-    if not accelerator.is_main_process or not cfg.sample_prompts:
+def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Source, prefix: Path,
+             sharded: bool = False) -> None:
+    """Sample the prompts with the EMA weights; write a contact sheet (and videos when a VAE is at hand).
+
+    Data parallel, the main process samples alone. Sharded, every process runs the same sampler with the same
+    seed through its shards (each forward gathers the weights from all), with the EMA swapped into the shards
+    in place and swapped out after; the main process writes."""
+    if not (accelerator.is_main_process or sharded) or not cfg.sample_prompts:
         return
     from pipelines.media.video_io import write_video
 
-    modules = {"unet": raw.denoiser.net, "text": raw.text.trainable}
-    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items() if m is not None}
-    for name, ema in emas.items():
-        ema.copy_to(modules[name])
+    modules = {name: m for name, m in {"unet": raw.denoiser.net, "text": raw.text.trainable}.items() if m is not None}
     bundle = DiffusionBundle(raw.denoiser, raw.text.encoder, cfg.text, cfg.model, source.shape, source.autoencoder,
                              null_cache=raw.text.frozen_null())
-    raw.denoiser.eval()
-    try:
-        denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling)
-        generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
-        latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
-    finally:
-        raw.denoiser.train()
-        for name, weights in saved.items():
-            modules[name].load_state_dict(weights)
+    with _ema_weights(modules, emas):
+        raw.denoiser.eval()
+        try:  # sharded weights are gathered in the compute dtype (bf16): autocast as in training
+            with accelerator.autocast() if sharded else contextlib.nullcontext():
+                denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling)
+                generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
+                latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
+        finally:
+            raw.denoiser.train()
+    if not accelerator.is_main_process:
+        return
     try:
         vae = source.vae or (load_autoencoder(source.autoencoder, device=accelerator.device) if source.autoencoder
                              else None)
