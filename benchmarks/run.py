@@ -180,8 +180,11 @@ def count_flops(run) -> tuple[int, dict, list[str]]:
     return counter.get_total_flops(), dict(kernels.calls), sorted(kernels.uncounted)
 
 
-def our_unet(in_channels: int = 4) -> UNet3D:
-    return UNet3D(UNet3DConfig(in_channels=in_channels, out_channels=in_channels, **OURS))
+def our_unet(device: torch.device, in_channels: int = 4) -> UNet3D:
+    """Our U-Net as the pipelines build it for ``device`` (the CPU fast paths swapped in on a CPU)."""
+    from pipelines.models.diffusion import build_unet
+
+    return build_unet(UNet3DConfig(in_channels=in_channels, out_channels=in_channels, **OURS), device).to(device)
 
 
 def diffusers_unet() -> torch.nn.Module:
@@ -256,7 +259,7 @@ def unet_comparison(s: dict, device: torch.device, dtype: torch.dtype) -> dict:
     target = torch.randn_like(z)
     t = torch.full((1,), 500, device=device)
     context = torch.randn(1, TOKENS, CONTEXT_DIM, device=device)
-    nets = {"ours": (our_unet().to(device), run_ours), "diffusers": (diffusers_unet().to(device), run_diffusers)}
+    nets = {"ours": (our_unet(device), run_ours), "diffusers": (diffusers_unet().to(device), run_diffusers)}
     out = {name: {"params": num_params(net)} for name, (net, _) in nets.items()}
     param_ratio = out["ours"]["params"] / out["diffusers"]["params"]
     out["params_ratio_ours_over_diffusers"] = param_ratio
@@ -317,7 +320,7 @@ def child_pixel(spec: dict, device: torch.device, dtype: torch.dtype) -> dict:
     shapes = {"latent": (1, 4, f, size // factor, size // factor), "pixel": (1, 3, f, size, size)}
     out, cases = {}, {}
     for name, shape in shapes.items():
-        net = our_unet(shape[1]).to(device).train()
+        net = our_unet(device, shape[1]).train()
         z = torch.randn(shape, device=device)
         target = torch.randn_like(z)
 

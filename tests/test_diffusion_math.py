@@ -1,4 +1,4 @@
-"""The noise process, the objective and the wrappers against their closed forms (paper §2, §3.1; PAPER.md)."""
+"""The noise process, the objective and the wrappers against their closed forms (paper §2, §3.1; docs/method.md)."""
 
 import math
 

@@ -34,7 +34,7 @@ def test_runs_on_more_frames_than_the_relative_distance():
 
 @torch.no_grad()
 def test_temporal_layers_start_as_identity():
-    """At initialisation the U-Net on a video equals the U-Net applied frame by frame (STYLE rule 5)."""
+    """At initialisation the U-Net on a video equals the U-Net applied frame by frame."""
     net = _net()
     z, logsnr, cond = _inputs()
     per_frame = torch.cat([net(z[:, :, i : i + 1], logsnr, cond) for i in range(z.shape[2])], dim=2)

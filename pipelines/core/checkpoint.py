@@ -2,7 +2,7 @@
 
 A run killed at any instant leaves either the previous checkpoint or the new one, never half of one: every
 file is written to a temporary name and renamed, and a checkpoint directory is assembled under a temporary
-name and renamed into place before ``latest`` is pointed at it. Nothing is pickled (STYLE rule 7): weights,
+name and renamed into place before ``latest`` is pointed at it. Nothing is pickled: weights,
 optimizer moments and RNG states are tensors in safetensors; the rest is JSON.
 """
 

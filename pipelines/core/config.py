@@ -1,6 +1,6 @@
 """Typed run configuration: dataclass schemas in code, YAML and ``dotted.key=value`` only override them.
 
-STYLE rule 6: unknown keys and wrong types are errors that name the key. :func:`load_config` merges
+Unknown keys and wrong types are errors that name the key. :func:`load_config` merges
 ``schema <- YAML file <- command-line overrides`` with OmegaConf's structured mode and turns any OmegaConf
 error (or a ``ValueError`` raised by a schema's ``__post_init__``) into a one-line :class:`ConfigError`, which
 the scripts turn into exit code 2.

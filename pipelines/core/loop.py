@@ -47,8 +47,7 @@ def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
     alone and writing the same files. A launch whose processes still do not form one group stops here.
 
     DDP keeps the gradients as views of its all-reduce buckets (``gradient_as_bucket_view``): no copy into and
-    out of the buckets each step, and one gradient-sized buffer less (the demo's two processes: 0.96 of the time
-    a step, benchmarks in BENCHMARKS.md).
+    out of the buckets each step, and one gradient-sized buffer less.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -210,8 +209,7 @@ def index_batches(dataset, run: RunConfig, accelerator, start_step: int) -> Iter
 
 def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable ``params``, with PyTorch's fused kernel where it exists (CPU and CUDA floating-point
-    parameters): one kernel for all tensors instead of a Python loop over them (the demo's 285 tensors: 2.5 ms a
-    step instead of 17 ms on the development CPU)."""
+    parameters): one kernel for all tensors instead of a Python loop over them."""
     trainable = [p for p in params if p.requires_grad]
     fused = bool(trainable) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in trainable)
     return torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,

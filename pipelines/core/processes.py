@@ -6,8 +6,7 @@ with the environment ``torchrun`` would give them (``RANK``, ``WORLD_SIZE``, ``M
 ``make_accelerator`` sets up the same gloo (CPU) or NCCL (GPU) group, and hands back rank 0's return value.
 
 Why on a CPU: a small model's step is hundreds of small operations, and two threads share each one poorly
-(the demo's diffusion stage on 2 cores: 1.13 times the steps per second with two single-threaded processes at
-half the batch each than with one process of 2 threads, side by side in ``benchmarks/demo_training.py``). The
+(measured in ``docs/experiments/two-training-processes.md``). The
 diffusion trainer draws every sample's randomness from its slot in the global batch, so N processes at batch B/N
 train the same model as one at batch B (up to floating-point reduction order).
 """

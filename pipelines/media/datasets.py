@@ -417,9 +417,8 @@ class ImageDataset(MediaDataset):
 class DecodedVideos:
     """Whole decoded videos kept in memory, at most ``budget_mb`` megabytes of them, least recently used dropped
     first: a frame dataset draws a few frames of every file per epoch, and decoding a short video whole costs
-    little more than seeking one frame of it (the demo world's 16-frame 32×32 clips: 3.3 ms against 2.7), so
-    each file is decoded about once instead of once per draw. Videos larger than the budget are read frame by
-    frame as before. Every data-loader process holds its own."""
+    little more than seeking one frame of it, so each file is decoded about once instead of once per draw. Videos
+    larger than the budget are read frame by frame as before. Every data-loader process holds its own."""
 
     def __init__(self, budget_mb: float):
         self.budget, self.used = int(budget_mb * 2**20), 0
