@@ -70,12 +70,17 @@ def truth_clips(model: str, clips: Path, frames: int) -> list[tuple[Path, np.nda
     return out
 
 
+SECONDS: dict[str, float] = {}  # generation seconds per run, by output folder name
+
+
 def _generate(model: str, out: Path, overrides: list[str], **changes) -> list[np.ndarray]:
-    """Run ``generate`` (raw frames) and return each output's frames ``uint8 [f, H, W, 3]`` in input order."""
+    """Run ``generate`` (raw frames) and return each output's frames ``uint8 [f, H, W, 3]`` in input order; its
+    sampling seconds go to :data:`SECONDS` under the folder's name."""
     from pipelines.stages.generate import generate
 
     cfg = load_config(GenerateConfig, None, [f"model={model}", f"out_dir={out}", "raw_frames=true", *overrides])
     summary = generate(dataclasses.replace(cfg, **changes) if changes else cfg, log=lambda *a, **k: None)
+    SECONDS[out.name] = summary["seconds"]
     return [np.load(out / s["frames"]) for s in summary["samples"]]
 
 
@@ -194,7 +199,8 @@ def measure(args) -> dict:
         result = {"continuation": continuation(args.model, truth, args, work, lpips_model),
                   "interpolation": interpolation(args.model, truth, args, work, lpips_model),
                   "super_resolution": super_resolution(args.model, truth, args, work, lpips_model)}
-    return result | {"clips": [str(p) for p, _ in truth], "given": args.given, "horizon": args.horizon,
+    return result | {"seconds_by_run": dict(SECONDS), "clips": [str(p) for p, _ in truth], "given": args.given,
+                     "horizon": args.horizon,
                      "steps": args.steps, "seed": args.seed, "lpips": lpips_model is not None, "machine": machine,
                      "seconds": round(time.perf_counter() - began, 1)}
 

@@ -58,7 +58,6 @@ class UNet3DConfig:
     context_dim: int = 0  # token embeddings for optional cross-attention; 0 = none
     emb_dim: Optional[int] = None  # width of the noise/conditioning embedding; None = 4 × base_channels
     emb_mlp_layers: int = 2  # paper: 2 or 4
-    scale_shift_norm: bool = True  # FiLM the second norm of each block (False: add the embedding, as written)
     temporal_attention: bool = True
     max_relative_distance: int = 32  # relative positions beyond ±k frames share an embedding (Shaw et al.)
     frame_positions: int = 0  # > 0: also a learned absolute embedding of the frame index (0 = relative only)

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from diffusion.schedule import NoiseSchedule, Prediction, q_sample, x0_from_output
 
-Weighting = Literal["auto", "eps", "v", "x", "min_snr"]
-WEIGHTINGS = ("auto", "eps", "v", "x", "min_snr")
+Weighting = Literal["auto", "eps", "v", "x"]
+WEIGHTINGS = ("auto", "eps", "v", "x")
 
 
 class Denoiser(nn.Module):
@@ -34,15 +34,15 @@ class Denoiser(nn.Module):
         return x0_from_output(output.float(), z.float(), logsnr, self.prediction)
 
 
-def loss_weight(logsnr: Tensor, weighting: Weighting, prediction: Prediction, min_snr_gamma: float = 5.0) -> Tensor:
-    """``w(λ)`` of the x̂-MSE: ε-MSE ≡ ``e^λ``, v-MSE ≡ ``1 + e^λ``, x-MSE ≡ 1, min-SNR-γ ≡ ``min(e^λ, γ)``
-    (Hang et al. 2023). ``auto`` picks the weighting that matches the parameterisation (paper §2)."""
+def loss_weight(logsnr: Tensor, weighting: Weighting, prediction: Prediction) -> Tensor:
+    """``w(λ)`` of the x̂-MSE: ε-MSE ≡ ``e^λ``, v-MSE ≡ ``1 + e^λ``, x-MSE ≡ 1 (paper §2). ``auto`` picks the
+    weighting that matches the parameterisation."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "auto":
         weighting = Prediction(prediction).value
     snr = torch.exp(logsnr.double())
-    weight = {"eps": snr, "v": 1 + snr, "x": torch.ones_like(snr), "min_snr": snr.clamp(max=min_snr_gamma)}
+    weight = {"eps": snr, "v": 1 + snr, "x": torch.ones_like(snr)}
     return weight[weighting].float()
 
 
@@ -75,7 +75,6 @@ def diffusion_loss(
     null_conditioning: Optional[Mapping[str, Tensor]] = None,
     p_uncond: float = 0.0,
     weighting: Weighting = "auto",
-    min_snr_gamma: float = 5.0,
     generator: Optional[torch.Generator] = None,
     t: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
@@ -108,4 +107,4 @@ def diffusion_loss(
     else:
         mask = loss_mask.to(error.dtype).expand_as(error).flatten(1)
         mse = (error.flatten(1) * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return loss_weight(logsnr, weighting, denoiser.prediction, min_snr_gamma) * mse
+    return loss_weight(logsnr, weighting, denoiser.prediction) * mse

@@ -101,14 +101,14 @@ class ConditionEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GN → SiLU → 1×3×3 conv → (+ embedding) → GN → SiLU → dropout → 1×3×3 conv, plus a skip."""
+    """GN → SiLU → 1×3×3 conv → GN scaled and shifted by the embedding → SiLU → dropout → 1×3×3 conv, plus a skip
+    (the conditioning embedding enters every residual block, paper §3, as a FiLM of the second norm)."""
 
-    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float, scale_shift: bool):
+    def __init__(self, cin: int, cout: int, emb_dim: int, groups: int, dropout: float):
         super().__init__()
-        self.scale_shift = scale_shift
         self.norm1 = _group_norm(cin, groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, cout * (2 if scale_shift else 1))
+        self.emb_proj = nn.Linear(emb_dim, 2 * cout)
         self.norm2 = _group_norm(cout, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
@@ -116,12 +116,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, state: FrameState) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        e = self.emb_proj(F.silu(state.emb))[:, :, None, None].to(h.dtype)  # [(b f), c(×2), 1, 1]
-        if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
-        else:
-            h = self.norm2(h + e)
+        e = self.emb_proj(F.silu(state.emb))[:, :, None, None].to(h.dtype)  # [(b f), 2c, 1, 1]
+        scale, shift = e.chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
         return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
 
 
@@ -320,9 +317,9 @@ class UNet3D(nn.Module):
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skips.append(ch)
         self.mid = nn.ModuleList([
-            ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm),
+            ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.dropout),
             *self._attention(ch),
-            ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm),
+            ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.dropout),
         ])
         self.up = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
@@ -350,7 +347,7 @@ class UNet3D(nn.Module):
     def _stage(self, cin: int, cout: int, level: int, emb_dim: int) -> nn.ModuleList:
         """A residual block, followed by spatial and temporal attention at the configured levels."""
         cfg = self.config
-        blocks = [ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout, cfg.scale_shift_norm)]
+        blocks = [ResBlock(cin, cout, emb_dim, cfg.norm_groups, cfg.dropout)]
         if level in cfg.attention_levels:
             blocks += self._attention(cout)
         return nn.ModuleList(blocks)

@@ -34,8 +34,7 @@ class DiffusionModelConfig:
     unet: UNet3DConfig = field(default_factory=lambda: UNet3DConfig(known_frames=True))  # known frames: the
     # network also learns to continue clips it is given the start of (docs/experiments/known-frames-network.md)
     prediction: Literal["eps", "v", "x"] = "eps"  # what the raw network predicts (paper §2)
-    weighting: Literal["auto", "eps", "v", "x", "min_snr"] = "auto"  # w(λ) of the x̂-MSE; auto: the prediction's
-    min_snr_gamma: float = 5.0  # min_snr weighting: min(e^λ, γ)
+    weighting: Literal["auto", "eps", "v", "x"] = "auto"  # w(λ) of the x̂-MSE; auto: the prediction's
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     p_uncond: float = 0.1  # classifier-free guidance: probability of training with the null conditioning
     p_unknown_start: float = 0.15  # with unet.frame_positions: probability of hiding that a clip starts its video

@@ -110,7 +110,7 @@ class DiffusionObjective(nn.Module):
             mask = known_first_frames(known, latents.shape[2] - num_images, num_images)
             extra.update(known=latents, known_mask=mask, loss_mask=~mask[:, None, :, None, None])
         return diffusion_loss(self.denoiser, latents, self.schedule, conditioning, null, model.p_uncond,
-                              model.weighting, model.min_snr_gamma, t=draws.times(),
+                              model.weighting, t=draws.times(),
                               noise=draws.normal(tuple(latents.shape[1:])), drop_uniform=draws.uniform(),
                               num_images=num_images, **extra)
 
