@@ -197,3 +197,8 @@ def test_the_conditioning_benchmark_compares_every_task_with_the_truth_and_its_b
     assert {"diffusion", "linear_blend"} <= set(result["interpolation"])
     assert {"diffusion", "bicubic"} <= set(result["super_resolution"])
     assert len(result["clips"]) == 2
+
+
+def test_a_continuation_must_leave_room_for_new_frames():
+    with pytest.raises(ValueError, match="condition.count=8 must be below num_frames=8"):
+        load_config(GenerateConfig, None, ["condition.video=clip.mp4", "condition.count=8", "num_frames=8"])

@@ -190,6 +190,10 @@ class GenerateConfig:
         if self.condition.task == "upscale" and self.method != "reconstruction":
             raise ValueError("condition.task=upscale enlarges by reconstruction guidance: it needs "
                              "method=reconstruction (the low-resolution frames are not latent frames to replace)")
+        c = self.condition
+        if c.count is not None and c.image is None and c.task == "continue" and c.count >= self.num_frames:
+            raise ValueError(f"condition.count={c.count} must be below num_frames={self.num_frames}: the output "
+                             f"begins with the given frames and continues them")
         if self.condition.given and self.mode != "autoregressive":
             raise ValueError("condition.*: given frames are continued, filled in or enlarged in "
                              "mode=autoregressive (condition.task=interpolate is the hierarchical infill)")
