@@ -160,7 +160,8 @@ def throughput(steps: int, seconds: float, samples_per_step: int, flops_per_step
 
 class Meter:
     """The training loop's timing columns: this process's FLOPs of one step, counted on its first step (as run:
-    recomputed activations count), then, per loss-log row, :func:`throughput` over the steps since the last row."""
+    recomputed activations count; run eagerly, so a compiled U-Net compiles on the second step), then, per
+    loss-log row, :func:`throughput` over the steps since the last row."""
 
     def __init__(self, accelerator, run, step: int, seconds: float):
         self.samples_per_step = run.batch_size * accelerator.num_processes * run.grad_accum
@@ -170,11 +171,12 @@ class Meter:
 
     @contextmanager
     def counting(self) -> Iterator[None]:
-        """Count the FLOPs of the block the first time it runs."""
+        """Count the FLOPs of the block the first time it runs, eagerly: a compiled module first called under a
+        dispatch mode would be left uncompiled for good, so compilation waits for the next call."""
         if self.flops is not None:
             yield
             return
-        with FlopCount() as counter:
+        with torch.compiler.set_stance("force_eager"), FlopCount() as counter:
             yield
         self.flops = counter.total
 
