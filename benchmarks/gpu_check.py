@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -70,14 +71,16 @@ class Size:
     attention: tuple[int, int, int]  # temporal attention: (spatial positions × batch, channels, heads' width)
     training_steps: int
     training: list[str]  # overrides of gpu.yaml for the training section
-    small_unet: list[str]  # the determinism, chain and compile sections' U-Net
+    small_unet: list[str]  # the determinism and chain sections' U-Net and precision
     world_size: int  # the chain's synthetic world: frame side (pixels)
     compile_backend: str
+    fresh_processes: bool = True  # each training run in a process of its own (a toy run: in this one, but the kill)
 
 
 GPU = Size(unet={}, latent=(16, 32, 32), images=8, batches=(8, 16), dtype="bf16", timed_steps=3,
            attention=(2048, 512, 64), training_steps=20, training=[],
-           small_unet=["model.unet.base_channels=64", "model.unet.head_dim=32"], world_size=64,
+           small_unet=["model.unet.base_channels=64", "model.unet.head_dim=32", "run.mixed_precision=bf16"],
+           world_size=64,
            compile_backend="inductor")
 TOY = Size(unet={"base_channels": 8, "channel_mult": [1, 2], "attention_levels": [1], "head_dim": 8,
                  "norm_groups": 4, "emb_mlp_layers": 2}, latent=(4, 8, 8), images=2, batches=(1, 2), dtype="fp32",
@@ -88,7 +91,8 @@ TOY = Size(unet={"base_channels": 8, "channel_mult": [1, 2], "attention_levels":
                      "data.images_per_video=2", "run.batch_size=2", "run.grad_accum=1"],
            small_unet=["model.unet.base_channels=8", "model.unet.channel_mult=[1,2]", "model.unet.attention_levels=[1]",
                        "model.unet.head_dim=8", "model.unet.norm_groups=4"], world_size=16,
-           compile_backend="eager")  # dynamo's capture only: inductor's CPU code generation takes minutes
+           compile_backend="eager",  # dynamo's capture only: inductor's CPU code generation takes minutes
+           fresh_processes=False)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -394,7 +398,13 @@ def _train_command(latents: Path, out: Path, steps: int, size: Size, *extra: str
             *size.small_unet, *extra]
 
 
-def _run(cmd: list[str], timeout: float = 300) -> None:
+def _run(cmd: list[str], size: Size, timeout: float = 300) -> None:
+    """Run a ``_train_command`` to its end: a process of its own, or (a toy run) this one."""
+    if not size.fresh_processes:
+        from pipelines.commands import train_diffusion
+
+        train_diffusion(cmd[2:])
+        return
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if done.returncode:
@@ -423,7 +433,7 @@ def determinism(size: Size, device: torch.device, work: Path) -> dict:
     for flag in ("true", "false") if device.type == "cuda" else ("true",):
         runs = [work / f"deterministic_{flag}_{i}" for i in range(2)]
         for run in runs:
-            _run(_train_command(latents, run, 2, size, f"run.deterministic={flag}"))
+            _run(_train_command(latents, run, 2, size, f"run.deterministic={flag}"), size)
         out[f"deterministic_{flag}"] = _same_weights(*(r / "checkpoints" / "step_0000002" for r in runs))
     return out
 
@@ -465,9 +475,9 @@ def chain(size: Size, device: torch.device, work: Path) -> dict:
         log=lambda *a: None)
     cmd = lambda out: _train_command(work / "chain_latents", out, 4, size, "run.deterministic=true")  # noqa: E731
     straight, killed = work / "chain_straight", work / "chain_killed"
-    _run(cmd(straight))
+    _run(cmd(straight), size)
     reached = _kill_after_first_checkpoint(cmd(killed), killed)
-    _run(cmd(killed))  # the same command: it resumes
+    _run(cmd(killed), size)  # the same command: it resumes
     resumed = _same_weights(straight / "checkpoints" / "step_0000004", killed / "checkpoints" / "step_0000004")
     summary = generate(load_config(GenerateConfig, None, [
         f"model={killed}", "prompts=[a red circle moving left]", "num_frames=12", "sampling.steps=4",
@@ -550,6 +560,9 @@ def run_check(size: Size, device: torch.device, out: Path, budget_s: float = BUD
                 report[name] = {"error": error_text(error), "traceback": traceback.format_exc()[-3000:]}
             report[name]["seconds"] = round(time.perf_counter() - began, 1)
             atomic_write_json(out, report)
+            gc.collect()  # the section's models, before the next one measures memory
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     report["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out, report)
     return report

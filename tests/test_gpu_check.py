@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_the_gpu_check_runs_every_section_at_toy_size(tmp_path):
     out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # no threads to wait on
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--toy", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     report = json.loads(out.read_text())
     sections = ("environment", "memory_estimate", "attention", "unet_steps", "training", "determinism", "chain",

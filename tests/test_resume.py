@@ -391,3 +391,15 @@ def test_a_loss_row_never_spans_a_resume():
     with pytest.raises(ConfigError, match="checkpoint_every must be a multiple of log_every"):
         load_config(DiffusionTrainConfig, None, ["run.checkpoint_every=3", "run.log_every=2"])
     load_config(DiffusionTrainConfig, None, ["run.checkpoint_every=4", "run.log_every=2"])
+
+
+def test_a_write_killed_inside_safetensors_leaves_a_temporary_that_the_writer_removes(tmp_path):
+    """safetensors writes each file through a ``.tmpXXXXXX`` beside it; a kill inside ``save_file`` leaves that
+    one, which the encoding stage removes on its next start (with its own ``.NAME.XXXX.tmp`` ones)."""
+    from pipelines.core.files import remove_stale_safetensors_temporaries
+
+    (tmp_path / ".tmpJT9bzX").write_bytes(b"\0" * 16)
+    (tmp_path / "shard_00000.safetensors").write_bytes(b"kept")
+    (tmp_path / ".tmp_not_ours").write_bytes(b"kept")
+    assert [p.name for p in remove_stale_safetensors_temporaries(tmp_path)] == [".tmpJT9bzX"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp_not_ours", "shard_00000.safetensors"]

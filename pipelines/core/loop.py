@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pipelines.core.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from pipelines.core.config import ConfigError, OptimConfig, RunConfig, UserError, config_to_dict, save_resolved_config
 from pipelines.core.devices import configure_numerics, launched_processes, wants_cpu
-from pipelines.core.on_device import StepLog, gradient_norm, poison_unless, step_unless
+from pipelines.core.on_device import StepLog, gradient_norm, on_every_process, poison_unless, step_unless
 from pipelines.core.telemetry import Meter
 from pipelines.core.visual import LossLog
 
@@ -245,7 +245,7 @@ class TrainingState:
     emas: dict[str, Any] = field(default_factory=dict)  # name -> diffusion.ema.EMA
     step: int = 0
     seconds: float = 0.0  # training time accumulated over all resumed runs
-    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
     bad_in_a_row: int = 0  # consecutive skipped steps up to now
 
     def save(self, accelerator, root: Path, config: dict, keep: int, json_files: Optional[dict] = None,
@@ -346,13 +346,11 @@ def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generato
             accelerator.backward(loss)  # divides by grad_accum; DDP all-reduces on the last micro-batch only
         for key, value in items.items():
             step_logs[key].append(value)
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite.float(), reduction="sum") == accelerator.num_processes
-    if accelerator.scaler is not None:
-        poison_unless(phase.optimizer, finite)
+    if accelerator.scaler is not None:  # fp16: the GradScaler decides from the gradients
+        poison_unless(phase.optimizer, on_every_process(finite, accelerator))
     parameters = [p for m in phase.modules for p in m.parameters()]
     norm = gradient_norm(accelerator, phase.optimizer, parameters, optim.max_grad_norm if phase.clip else 0.0)
-    taken = finite & torch.isfinite(norm)
+    taken = on_every_process(finite & torch.isfinite(norm), accelerator)
     step_unless(phase.optimizer, ~taken, accelerator.scaler)  # skipped: neither its weights nor its logs count
     phase.optimizer.zero_grad(set_to_none=True)
     log.add_values(step_logs, taken)

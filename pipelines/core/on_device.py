@@ -15,9 +15,17 @@ import torch
 from torch import Tensor
 
 
+def on_every_process(flag: Tensor, accelerator) -> Tensor:
+    """Whether ``flag`` (a bool on the device) holds on every process: one all-reduce, no host read."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(flag.float(), reduction="sum") == accelerator.num_processes
+
+
 def gradient_norm(accelerator, optimizer, parameters: list[Tensor], max_norm: float) -> Tensor:
-    """The global norm of the parameters' gradients (unscaled first under fp16), clipping them to ``max_norm``
-    when it is positive; a tensor on the device, not finite when any gradient is not."""
+    """The norm of the parameters' gradients (unscaled first under fp16), clipping them to ``max_norm`` when it is
+    positive; a tensor on the device, not finite when any gradient is not. Unclipped, it is this process's (whose
+    gradients sharded training holds only a part of): :func:`on_every_process` makes the verdict global."""
     if max_norm > 0:
         return accelerator.clip_grad_norm_(parameters, max_norm)
     accelerator.unscale_gradients(optimizer)

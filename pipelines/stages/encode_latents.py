@@ -21,7 +21,11 @@ from autoencoder import encode_video, load_autoencoder
 from pipelines.core.checkpoint import save_tensors
 from pipelines.core.config import UserError, config_to_dict, save_resolved_config
 from pipelines.core.devices import configure_numerics, resolve_device, to_device, vae_dtype, wants_cpu
-from pipelines.core.files import atomic_write_json, remove_stale_temporaries
+from pipelines.core.files import (
+    atomic_write_json,
+    remove_stale_safetensors_temporaries,
+    remove_stale_temporaries,
+)
 from pipelines.latents.shards import (
     MANIFEST,
     NULL_TEXT,
@@ -154,6 +158,7 @@ def encode_latents(cfg: EncodeConfig, log=print) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("shard_*.safetensors", NULL_TEXT, MANIFEST, "encode.yaml"):  # half-written by a killed run
             remove_stale_temporaries(out, name)
+        remove_stale_safetensors_temporaries(out)
         save_resolved_config(cfg, out, "encode.yaml")
     state.wait_for_everyone()
     vae = load_autoencoder(cfg.autoencoder, device=device)
