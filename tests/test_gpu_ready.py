@@ -143,9 +143,9 @@ def test_sampling_runs_under_the_training_runs_autocast_on_a_gpu_only():
 
     bundle = SimpleNamespace(info={"config": {"run": {"mixed_precision": "bf16"}}})
     assert sampling_precision(GenerateConfig(prompts=["x"]), bundle) == "bf16"  # auto: the training run's
-    assert sampling_precision(GenerateConfig(prompts=["x"], mixed_precision="no"), bundle) == "no"
+    assert sampling_precision(GenerateConfig(prompts=["x"], mixed_precision="fp32"), bundle) == "fp32"
     assert autocast_dtype(torch.device("cuda"), "bf16") == torch.bfloat16
-    assert autocast_dtype(torch.device("cuda"), "no") is None
+    assert autocast_dtype(torch.device("cuda"), "no") is None and autocast_dtype(torch.device("cuda"), "fp32") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is None  # a CPU's bf16 is emulated: fp32 there
 
 

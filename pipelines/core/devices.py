@@ -54,13 +54,13 @@ def configure_numerics(device: torch.device, deterministic: bool = False) -> Non
     torch.backends.cudnn.deterministic = deterministic
 
 
-def autocast_dtype(device: torch.device, precision: MixedPrecision) -> Optional[torch.dtype]:
+def autocast_dtype(device: torch.device, precision: MixedPrecision | str) -> Optional[torch.dtype]:
     """The dtype a network runs in under autocast for ``precision`` on ``device``: bf16 / fp16 on CUDA, ``None``
-    (float32) on a CPU, whose bf16 is emulated and many times slower, or for ``no``."""
-    return None if device.type != "cuda" or precision == "no" else DTYPES[precision]
+    (float32) on a CPU, whose bf16 is emulated and many times slower, or for ``no`` / ``fp32``."""
+    return None if device.type != "cuda" or precision in ("no", "fp32") else DTYPES[precision]
 
 
-def autocast(device: torch.device, precision: MixedPrecision) -> AbstractContextManager:
+def autocast(device: torch.device, precision: MixedPrecision | str) -> AbstractContextManager:
     """``torch.autocast`` in :func:`autocast_dtype`'s dtype, or nothing."""
     dtype = autocast_dtype(device, precision)
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)

@@ -171,7 +171,7 @@ class GenerateConfig:
     raw_frames: bool = False  # also write each video's decoded frames losslessly, uint8 [f, H, W, 3] as .npy
     # beside the .mp4 (for measuring: the video codec rounds a frame by the frames around it)
     use_ema: bool = True  # sample with the EMA weights
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # the U-Net's autocast on a GPU (auto: the
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the U-Net's autocast on a GPU (auto: the
     # training run's run.mixed_precision); a CPU samples in fp32
     vae_dtype: VaeDtype = "auto"  # the autoencoder's precision (auto: bf16 on a GPU that has it, else fp32; fp16,
     # which SD-family VAEs overflow, only when asked)
