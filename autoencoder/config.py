@@ -84,5 +84,6 @@ class AutoencoderLossConfig:
     disc_factor: float = 1.0
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
     disc_num_layers: int = 3  # PatchGAN depth
-    disc_norm: DiscNorm = "batch"
+    disc_norm: DiscNorm = "group"  # GroupNorm: per-sample statistics, so a step is the same at any process count and
+    # micro-batch split (LDM's batch: statistics of each process's micro-batch, SyncBatchNorm across GPUs)
     logvar_init: float = 0.0  # the learned output log-variance starts here

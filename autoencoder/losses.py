@@ -7,12 +7,17 @@ Generator (``optimizer_idx`` 0), for a batch of n frames:
     λ   = clamp(‖∇_W nll‖ / (‖∇_W g_loss‖ + 1e-4), 0, 1e4) · disc_weight       W = the decoder's last layer
 Discriminator (``optimizer_idx`` 1): disc_factor · hinge (or vanilla) loss on D(x), D(x̂).
 ``disc_factor`` is 0 before ``disc_start`` (a global step), so the GAN terms are off until then.
+
+The discriminator D is a network of its own (:class:`PatchDiscriminator`), passed to the losses that use it, so a
+trainer can wrap it for data parallelism apart from the VAE; logged values stay tensors (read when a log row is
+written, not at every step).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lpips
@@ -23,7 +28,8 @@ from torch import nn
 from autoencoder.config import AutoencoderLossConfig, DiscNorm, LpipsNet, PerceptualMode
 from autoencoder.model import DiagonalGaussian
 
-Log = dict[str, float]
+Log = dict[str, torch.Tensor | float]
+Critic = Callable[[torch.Tensor], torch.Tensor]  # frames [n, c, H, W] -> patch logits
 BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 
 
@@ -137,14 +143,30 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
 DISC_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
-def _floats(log: dict[str, torch.Tensor | float]) -> Log:
-    """The log's scalars as Python floats (detached)."""
-    return {key: float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-            for key, value in log.items()}
+def _detached(log: dict[str, torch.Tensor | float]) -> Log:
+    """The log's scalars, tensors detached (no value is read back here)."""
+    return {key: value.detach() if isinstance(value, torch.Tensor) else value for key, value in log.items()}
+
+
+def loss_gradient(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """∇_W loss, keeping the graph (the adaptive weight differentiates two losses of one graph)."""
+    return torch.autograd.grad(loss, weight, retain_graph=True)[0]
+
+
+def scaled_gradient(scale: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """:func:`loss_gradient` of ``scale(loss)``, divided back: under fp16 autocast the GradScaler's scale (``scale``
+    is ``GradScaler.scale``) keeps a small loss's gradient from underflowing in half precision, as it does for the
+    training backward."""
+    def gradient(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        factor = scale(torch.ones((), device=loss.device))
+        return loss_gradient(scale(loss), weight) / factor
+
+    return gradient
 
 
 class AutoencoderLoss(nn.Module):
-    """LDM's LPIPSWithDiscriminator (module docstring): the generator and discriminator losses of the VAE."""
+    """LDM's LPIPSWithDiscriminator (module docstring): the generator and discriminator losses of the VAE, with the
+    learned log-variance and the frozen LPIPS; the discriminator is passed in."""
 
     def __init__(self, config: AutoencoderLossConfig | None = None, in_channels: int = 3, **overrides):
         """``config`` (defaults: LDM's KL-f8 recipe) with any of its fields overridden by keyword."""
@@ -153,27 +175,30 @@ class AutoencoderLoss(nn.Module):
         if cfg.reconstruction not in ("l1", "l2") or cfg.disc_loss not in DISC_LOSSES:
             raise ValueError(f"reconstruction must be 'l1' or 'l2' and disc_loss 'hinge' or 'vanilla', "
                              f"got {cfg.reconstruction!r}, {cfg.disc_loss!r}")
-        self.config = cfg
+        self.config, self.in_channels = cfg, in_channels
         self.disc_start, self.disc_factor, self.disc_weight = cfg.disc_start, cfg.disc_factor, cfg.disc_weight
         self.kl_weight, self.perceptual_weight = cfg.kl_weight, cfg.perceptual_weight
         self.reconstruction = cfg.reconstruction
         self.perceptual = build_lpips(cfg.perceptual, cfg.lpips_net)
         self.disc_loss = DISC_LOSSES[cfg.disc_loss]
-        self.discriminator = PatchDiscriminator(in_channels, num_layers=cfg.disc_num_layers, norm=cfg.disc_norm)
         self.logvar = nn.Parameter(torch.tensor(float(cfg.logvar_init)))
 
-    def forward(self, inputs: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
-                optimizer_idx: int, global_step: int,
-                last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, Log]:
-        """(loss, log of floats) for frames ``inputs`` and ``recon`` ``[n, c, H, W]`` in [-1, 1].
+    def build_discriminator(self) -> PatchDiscriminator:
+        """The PatchGAN of the config (depth, norm) for frames of ``in_channels``."""
+        return PatchDiscriminator(self.in_channels, num_layers=self.config.disc_num_layers, norm=self.config.disc_norm)
 
-        ``optimizer_idx`` 0 is the VAE (generator) loss, which needs ``last_layer`` (``vae.last_layer``) once
-        the discriminator is on; 1 is the discriminator loss.
+    def forward(self, inputs: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
+                optimizer_idx: int, global_step: int, last_layer: torch.Tensor | None = None,
+                discriminator: Critic | None = None, gradient: Callable = loss_gradient) -> tuple[torch.Tensor, Log]:
+        """(loss, log) for frames ``inputs`` and ``recon`` ``[n, c, H, W]`` in [-1, 1].
+
+        ``optimizer_idx`` 0 is the VAE (generator) loss, which needs ``last_layer`` (``vae.last_layer``) and the
+        ``discriminator`` once the discriminator is on; 1 is the discriminator loss.
         """
         if optimizer_idx == 0:
-            return self.generator_loss(inputs, recon, posterior, global_step, last_layer)
+            return self.generator_loss(inputs, recon, posterior, global_step, last_layer, discriminator, gradient)
         if optimizer_idx == 1:
-            return self.discriminator_loss(inputs, recon, global_step)
+            return self.discriminator_loss(inputs, recon, global_step, discriminator)
         raise ValueError(f"optimizer_idx must be 0 (generator) or 1 (discriminator), got {optimizer_idx}")
 
     def active_disc_factor(self, global_step: int) -> float:
@@ -188,9 +213,11 @@ class AutoencoderLoss(nn.Module):
             rec = rec + self.perceptual_weight * self.perceptual(inputs, recon)[:, None, None, None]
         return rec
 
-    def adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor,
-                        last_layer: torch.Tensor | None) -> torch.Tensor:
-        """λ = clamp(‖∇_W nll‖ / (‖∇_W g_loss‖ + 1e-4), 0, 1e4) · disc_weight at W = ``last_layer``, detached.
+    def adaptive_weight(self, nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor | None,
+                        gradient: Callable = loss_gradient) -> torch.Tensor:
+        """λ = clamp(‖∇_W nll‖ / (‖∇_W g_loss‖ + 1e-4), 0, 1e4) · disc_weight at W = ``last_layer``, detached;
+        ``gradient(loss, W)`` takes each ∇ (:func:`scaled_gradient` under fp16; a trainer may average them over
+        processes, so λ is the global batch's).
 
         Without a graph (validation under ``no_grad``) λ is 0, as in LDM.
         """
@@ -198,13 +225,12 @@ class AutoencoderLoss(nn.Module):
             return torch.zeros((), device=nll_loss.device)
         if last_layer is None:
             raise ValueError("last_layer (vae.last_layer) is required once the discriminator is on")
-        (nll_grad,) = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
-        (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-        ratio = nll_grad.norm() / (g_grad.norm() + 1e-4)
+        ratio = gradient(nll_loss, last_layer).norm() / (gradient(g_loss, last_layer).norm() + 1e-4)
         return ratio.clamp(0.0, 1e4).detach() * self.disc_weight
 
     def generator_loss(self, inputs: torch.Tensor, recon: torch.Tensor, posterior: DiagonalGaussian,
-                       global_step: int, last_layer: torch.Tensor | None) -> tuple[torch.Tensor, Log]:
+                       global_step: int, last_layer: torch.Tensor | None, discriminator: Critic | None = None,
+                       gradient: Callable = loss_gradient) -> tuple[torch.Tensor, Log]:
         """L = nll + kl_weight · KL + λ · disc_factor · g_loss (module docstring); no GAN term while off."""
         n = inputs.shape[0]
         rec = self.reconstruction_loss(inputs, recon)
@@ -213,20 +239,27 @@ class AutoencoderLoss(nn.Module):
         disc_factor = self.active_disc_factor(global_step)
         g_loss = d_weight = torch.zeros((), device=inputs.device)
         if disc_factor > 0:
-            g_loss = -self.discriminator(recon).mean()
-            d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
+            g_loss = -_critic(discriminator)(recon).mean()
+            d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer, gradient)
         loss = nll_loss + self.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         log = {"total_loss": loss, "nll_loss": nll_loss, "rec_loss": rec.mean(), "kl_loss": kl_loss,
                "logvar": self.logvar, "g_loss": g_loss, "d_weight": d_weight, "disc_factor": disc_factor}
-        return loss, _floats(log)
+        return loss, _detached(log)
 
-    def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
-                           global_step: int) -> tuple[torch.Tensor, Log]:
+    def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor, global_step: int,
+                           discriminator: Critic | None = None) -> tuple[torch.Tensor, Log]:
         """disc_factor · d_loss(D(x), D(x̂)) on detached frames (0 before ``disc_start``, with a graph)."""
-        logits_real = self.discriminator(inputs.detach())
-        logits_fake = self.discriminator(recon.detach())
+        critic = _critic(discriminator)
+        logits_real = critic(inputs.detach())
+        logits_fake = critic(recon.detach())
         disc_factor = self.active_disc_factor(global_step)
         loss = disc_factor * self.disc_loss(logits_real, logits_fake)
         log = {"disc_loss": loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean(),
                "disc_factor": disc_factor}
-        return loss, _floats(log)
+        return loss, _detached(log)
+
+
+def _critic(discriminator: Critic | None) -> Critic:
+    if discriminator is None:
+        raise ValueError("the GAN terms need the discriminator (AutoencoderLoss.build_discriminator())")
+    return discriminator

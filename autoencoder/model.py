@@ -40,10 +40,11 @@ class DiagonalGaussian:
         """σ² = exp(logvar), ``[n, z, h, w]``."""
         return torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z = mean + σ ε with ε ~ N(0, I) drawn from ``generator``; ``[n, z, h, w]``."""
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z = mean + σ ε with ε ~ N(0, I) drawn from ``generator``, or ``noise`` given; ``[n, z, h, w]``."""
         mean = self.mean
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype) if noise is None \
+            else noise.to(mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -241,11 +242,12 @@ class AutoencoderKL(nn.Module):
         """Frames ``[n, c_out, F·h, F·w]`` (≈ [-1, 1]) from unscaled latents ``[n, z, h, w]``."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, frames: torch.Tensor, sample_posterior: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
-        """(reconstruction ``[n, c_out, H, W]``, posterior); decodes a posterior sample, or its mode."""
+    def forward(self, frames: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """(reconstruction ``[n, c_out, H, W]``, posterior); decodes a posterior sample (its ε from ``generator``, or
+        ``noise [n, z, h, w]``), or its mode."""
         posterior = self.encode(frames)
-        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        z = posterior.sample(generator, noise) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
     @property

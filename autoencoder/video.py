@@ -4,7 +4,9 @@ Frames run through the VAE ``chunk_frames`` at a time under the caller's grad mo
 does not grow with video length: encoding folds them into the batch with einops and unfolds the latents;
 decoding writes each chunk into its place in one preallocated video. Latents leaving
 :func:`encode_video` are normalised, z' = (z − latent_shift) · latent_scale (LDM scale-by-std);
-:func:`decode_video` undoes that before decoding.
+:func:`decode_video` undoes that before decoding. The VAE runs in the dtype of its weights (float32 or bf16, say),
+never under a caller's autocast (a U-Net's fp16 would overflow SD-family VAEs); latents and videos at these
+boundaries are float32 whatever it is.
 """
 
 from __future__ import annotations
@@ -40,13 +42,19 @@ def _chunks(frames: torch.Tensor, chunk_frames: int) -> tuple[torch.Tensor, ...]
     return frames.split(chunk_frames)
 
 
+def _dtype(vae: AutoencoderKL) -> torch.dtype:
+    """The dtype the VAE computes in: its weights'."""
+    return next(vae.parameters()).dtype
+
+
 def _encode_frames(vae: AutoencoderKL, frames: torch.Tensor, chunk_frames: int, sample: bool,
                    generator: torch.Generator | None) -> torch.Tensor:
-    """Unscaled latents [n, z, h/F, w/F] of frames [n, c, h, w]: posterior samples or means, by chunks."""
-    latents = []
-    for chunk in _chunks(frames, chunk_frames):
-        posterior = vae.encode(chunk)
-        latents.append(posterior.sample(generator) if sample else posterior.mode())
+    """Unscaled float32 latents [n, z, h/F, w/F] of frames [n, c, h, w]: posterior samples or means, by chunks."""
+    latents, dtype = [], _dtype(vae)
+    with torch.autocast(frames.device.type, enabled=False):  # its own precision, whatever the caller's autocast
+        for chunk in _chunks(frames, chunk_frames):
+            posterior = vae.encode(chunk.to(dtype))
+            latents.append((posterior.sample(generator) if sample else posterior.mode()).float())
     return torch.cat(latents)
 
 
@@ -63,7 +71,7 @@ def encode_video(vae: AutoencoderKL, video: torch.Tensor, chunk_frames: int = 16
 
 def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_frames: int = 16,
                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Video [b, c, f, F·h, F·w] from normalised latents [b, z, f, h, w], decoding each frame alone.
+    """Video [b, c, f, F·h, F·w] (float32) from normalised latents [b, z, f, h, w], decoding each frame alone.
 
     Each chunk of at most ``chunk_frames`` frames of one video is decoded and written straight into one
     preallocated output, so memory beyond the output stays one chunk's activations at any length (no list of
@@ -71,11 +79,13 @@ def decode_video(vae: AutoencoderKL, latents: torch.Tensor, chunk_frames: int = 
     mapped to 0…255 as video writers take them: a quarter of float32's memory for a long video.
     """
     _check_video(latents)
-    out = None
+    out, vae_dtype = None, _dtype(vae)
     for index, video in enumerate(latents):
         start = 0
         for z in _chunks(video.transpose(0, 1), chunk_frames):  # [n, z, h, w]
-            frames = vae.decode(z / vae.config.latent_scale + vae.config.latent_shift).transpose(0, 1)  # [c, n, H, W]
+            z = z.float() / vae.config.latent_scale + vae.config.latent_shift
+            with torch.autocast(z.device.type, enabled=False):  # its own precision, whatever the caller's autocast
+                frames = vae.decode(z.to(vae_dtype)).float().transpose(0, 1)  # [c, n, H, W]
             if dtype == torch.uint8:
                 frames = frames.clamp(-1, 1).add(1).mul(127.5).round()
             if out is None:

@@ -52,11 +52,12 @@ import psutil
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_autoencoder import release_free_memory, track_rss_closely
 from diffusion import UNet3D, UNet3DConfig
 from pipelines.core.devices import PeakMemory, matmul_gflops, matmul_peak_gflops
+from pipelines.core.telemetry import CPU_SDPA_FLOPS
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: ``python -m benchmarks.run`` runs from it
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,20 +138,6 @@ def side_by_side(cases: dict, warmup: int, repeat: int, device: torch.device) ->
             run, setup = cases[name]
             times[name].append(timed(run, device, setup))
     return times
-
-
-def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-CPU_SDPA_FLOPS = {  # PyTorch's CPU flash-attention kernels are missing from FlopCounterMode's own table
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
 
 
 class AttentionKernels(TorchDispatchMode):

@@ -55,11 +55,13 @@ def _warn_no_xformers() -> None:
 
 
 def resolve_backend(backend: Backend, device: torch.device) -> str:
-    """``auto`` → ``xformers`` for CUDA tensors when its kernels load, else ``sdpa`` (one warning on CUDA)."""
+    """``auto`` → ``xformers`` for CUDA tensors when its kernels load, else ``sdpa`` (one warning on CUDA); ``sdpa``
+    under ``torch.use_deterministic_algorithms``, which PyTorch's kernels obey and xformers' do not (its
+    memory-efficient backward adds the bias gradient in no fixed order)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
             return "sdpa"
         if xformers_available():
             return "xformers"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
+from pipelines.core.telemetry import TELEMETRY_KEYS
 from pipelines.world.config import WorldSpec
 from pipelines.world.synthetic import make_world
 from tests.videos import ffmpeg_clip, garbage_file, truncated_copy
@@ -51,3 +53,9 @@ def diffusion_overrides(latents: Path, out: Path, steps: int = 4) -> list[str]:
         "data.num_frames=6", "data.images_per_video=2", "optim.warmup_steps=1", "sampling.steps=2",
         "sample_prompts=[a red circle moving left]",
     ]
+
+
+def logged_losses(out: Path) -> list[dict[str, str]]:
+    """A run's ``loss.csv`` rows without the timing columns (samples/s, TFLOP/s, MFU), which no two runs share."""
+    with (out / "loss.csv").open() as handle:
+        return [{k: v for k, v in row.items() if k not in TELEMETRY_KEYS} for row in csv.DictReader(handle)]

@@ -15,7 +15,7 @@ from autoencoder import (
     PatchDiscriminator,
     build_lpips,
 )
-from autoencoder.losses import hinge_d_loss, vanilla_d_loss
+from autoencoder.losses import hinge_d_loss, scaled_gradient, vanilla_d_loss
 
 SHIPPED_LINEAR_LAYERS = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
 
@@ -76,7 +76,7 @@ def test_untrained_mode_is_frozen_eval_and_keeps_the_shipped_linear_layers():
     assert y.grad is not None and y.grad.abs().sum() > 0
 
     loss = AutoencoderLoss(perceptual="untrained").train()
-    assert loss.discriminator.training and not loss.perceptual.training
+    assert loss.training and not loss.perceptual.training
 
 
 def test_off_mode_has_no_perceptual_term():
@@ -97,46 +97,52 @@ def test_generator_loss_is_nll_plus_weighted_kl_before_disc_start():
     nll = ((x - recon).abs() / torch.exp(torch.tensor(0.5)) + 0.5).sum() / 2  # nll = rec / e^logvar + logvar
     kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).sum() / 2
     torch.testing.assert_close(loss, nll + 0.01 * kl)
-    assert log["g_loss"] == 0.0 and log["d_weight"] == 0.0 and log["disc_factor"] == 0.0
-    assert log["kl_loss"] == pytest.approx(kl.item(), rel=1e-5)
+    assert float(log["g_loss"]) == 0.0 and float(log["d_weight"]) == 0.0 and log["disc_factor"] == 0.0
+    assert float(log["kl_loss"]) == pytest.approx(kl.item(), rel=1e-5)
 
 
 def test_adaptive_weight_equals_the_gradient_norm_ratio():
     vae = tiny_vae()
     loss_fn = AutoencoderLoss(perceptual="none", disc_start=0, disc_weight=0.7, kl_weight=1e-6)
+    disc = loss_fn.build_discriminator()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, posterior = vae(x)
-    loss, log = loss_fn(x, recon, posterior, optimizer_idx=0, global_step=0, last_layer=vae.last_layer)
+    loss, log = loss_fn(x, recon, posterior, optimizer_idx=0, global_step=0, last_layer=vae.last_layer,
+                        discriminator=disc)
 
     nll = (x - recon).abs().sum() / 2  # logvar = 0
-    g_loss = -loss_fn.discriminator(recon).mean()
+    g_loss = -disc(recon).mean()
     (nll_grad,) = torch.autograd.grad(nll, vae.last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, vae.last_layer, retain_graph=True)
     expected = min(nll_grad.norm().item() / (g_grad.norm().item() + 1e-4), 1e4) * 0.7
-    assert log["d_weight"] == pytest.approx(expected, rel=1e-5)
-    assert log["g_loss"] == pytest.approx(g_loss.item(), rel=1e-5)
+    assert float(log["d_weight"]) == pytest.approx(expected, rel=1e-5)
+    assert float(log["g_loss"]) == pytest.approx(g_loss.item(), rel=1e-5)
     kl = posterior.kl().sum() / 2
     torch.testing.assert_close(loss, nll + 1e-6 * kl + expected * g_loss, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # validation: no graph, so no adaptive weight (as in LDM)
-        _, log = loss_fn(x, recon.detach(), posterior, optimizer_idx=0, global_step=0)
-    assert log["d_weight"] == 0.0
+        _, log = loss_fn(x, recon.detach(), posterior, optimizer_idx=0, global_step=0, discriminator=disc)
+    assert float(log["d_weight"]) == 0.0
 
 
 def test_discriminator_term_is_zero_before_disc_start_and_on_after():
     vae, loss_fn = tiny_vae(), AutoencoderLoss(perceptual="none", disc_start=10)
+    disc = loss_fn.build_discriminator()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     recon, posterior = vae(x)
-    before, log = loss_fn(x, recon, posterior, optimizer_idx=1, global_step=9)
+    before, log = loss_fn(x, recon, posterior, optimizer_idx=1, global_step=9, discriminator=disc)
     assert before.item() == 0.0 and before.requires_grad and log["disc_factor"] == 0.0
-    after, log = loss_fn(x, recon, posterior, optimizer_idx=1, global_step=10)
+    after, log = loss_fn(x, recon, posterior, optimizer_idx=1, global_step=10, discriminator=disc)
     assert after.item() > 0.0 and log["disc_factor"] == 1.0
     after.backward()
     assert vae.last_layer.grad is None  # the discriminator loss sees detached frames
-    assert loss_fn.discriminator.main[0].weight.grad.abs().sum() > 0
+    assert disc.main[0].weight.grad.abs().sum() > 0
 
-    generator_before, _ = loss_fn(x, recon, posterior, 0, global_step=9, last_layer=vae.last_layer)
-    generator_after, log = loss_fn(x, recon, posterior, 0, global_step=10, last_layer=vae.last_layer)
-    assert log["d_weight"] > 0 and generator_after.item() != generator_before.item()
+    generator_before, _ = loss_fn(x, recon, posterior, 0, global_step=9, last_layer=vae.last_layer)  # no D needed
+    generator_after, log = loss_fn(x, recon, posterior, 0, global_step=10, last_layer=vae.last_layer,
+                                   discriminator=disc)
+    assert float(log["d_weight"]) > 0 and generator_after.item() != generator_before.item()
+    with pytest.raises(ValueError, match="discriminator"):
+        loss_fn(x, recon, posterior, 1, global_step=10)
     with pytest.raises(ValueError, match="optimizer_idx"):
         loss_fn(x, recon, posterior, 2, global_step=0)
 
@@ -175,3 +181,23 @@ def test_patch_discriminator_layout_and_init():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in PatchDiscriminator(norm="group").modules())
     negative = torch.tensor(-1.0)
     assert disc.main[1](negative).item() == pytest.approx(F.leaky_relu(negative, 0.2).item())
+
+
+def test_the_adaptive_weight_under_fp16_takes_gradients_of_scaled_losses():
+    """Under fp16 a small loss's gradient underflows in half precision (below 6e-8) and λ comes out 0; through the
+    GradScaler's scale (:func:`scaled_gradient`) it is the fp32 ratio. Here the losses are 1e-9 and 2e-9 times a
+    sum behind a half-precision product over 2^20 rows: each row's gradient underflows, their sum at W does not."""
+    weight = torch.nn.Parameter(torch.ones(4, 4))
+    x = torch.rand(2**20, 4) + 0.5
+    loss_fn = AutoencoderLoss(perceptual="none", disc_weight=1.0)
+
+    def losses(dtype):
+        y = (x.to(dtype) @ weight.to(dtype)).float()  # the graph runs through fp16, as under autocast
+        return 1e-9 * y.sum(), 2e-9 * y.sum()
+
+    expected = float(loss_fn.adaptive_weight(*losses(torch.float32), weight))
+    assert expected == pytest.approx(0.5, rel=0.05)  # the ratio of the gradients (plus the 1e-4 in the denominator)
+    assert float(loss_fn.adaptive_weight(*losses(torch.float16), weight)) == 0.0  # both gradients underflowed
+    scale = torch.amp.GradScaler("cpu", init_scale=2.0**16).scale
+    weighted = loss_fn.adaptive_weight(*losses(torch.float16), weight, scaled_gradient(scale))
+    assert float(weighted) == pytest.approx(expected, rel=1e-2)

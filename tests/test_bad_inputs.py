@@ -451,7 +451,7 @@ def test_too_many_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(st
     with pytest.raises(UserError) as stopped:
         train_diffusion(load_config(DiffusionTrainConfig, None, overrides), quiet)
     message = str(stopped.value)
-    assert "\n" not in message and "2 non-finite losses in a row" in message and "intact" in message
+    assert "\n" not in message and "2 steps in a row with a non-finite loss" in message and "intact" in message
     assert len(calls) == 3  # one good step, then two bad ones
     # a checkpoint after the good step and one after the first (skipped) bad step, with the same weights; the stop
     # leaves both as they were written

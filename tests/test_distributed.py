@@ -47,7 +47,7 @@ from tests.launches import (
     subprocess_env,
     with_port,
 )
-from tests.pipeline_helpers import autoencoder_overrides
+from tests.pipeline_helpers import autoencoder_overrides, encode_overrides
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ class Recorded(stage.TrainingState):
 stage.TrainingState = Recorded
 stage.train_autoencoder(load_config(AutoencoderTrainConfig, None, sys.argv[1:]), log=lambda *a, **k: None)
 (state,) = states
-# parameters only: the discriminator's BatchNorm running statistics are buffers each rank updates from its own batch
+# parameters only (with disc_norm=batch the discriminator's running statistics would be each rank's own)
 tensors = {{f"{{n}}.{{k}}": v for n, m in state.modules.items() for k, v in m.named_parameters()}}
 tensors |= {{f"ema_{{n}}.{{k}}": v for n, e in state.emas.items() for k, v in e.state_dict().items()}}
 digest = hashlib.blake2b()
@@ -179,17 +179,27 @@ print(f"PROBE rank={{os.environ.get('RANK', '0')}} logvar={{logvar.hex()}} tenso
 '''
 
 
-@pytest.mark.slow
-def test_autoencoder_logvar_agrees_across_ranks(chain, work):
-    """``logvar`` is trained inside the DDP module, so its gradient is all-reduced and both ranks hold the same
-    value bit for bit. Were it outside (not all-reduced), each rank would step it with its own batch's gradient
-    and the two values would part after the first steps."""
+def autoencoder_run(chain, out: Path, batch: int) -> list[str]:
+    """The tiny VAE for 4 steps with its GAN on from step 1."""
+    return [*autoencoder_overrides(chain["videos"], out, steps=STEPS), f"run.batch_size={batch}", "loss.disc_start=1",
+            "run.ema_decay=0.9"]
+
+
+@pytest.fixture(scope="module")
+def autoencoder_ddp(chain, work) -> dict:
+    """Two processes at batch 2 (global batch 4) through a probe that prints each rank's trained state."""
     probe = work / "autoencoder_probe.py"
     probe.write_text(AUTOENCODER_PROBE.format(repo=str(REPO)))
     out = work / "autoencoder"
-    overrides = [*autoencoder_overrides(chain["videos"], out, steps=4), "run.batch_size=2", "loss.disc_start=1",
-                 "run.ema_decay=0.9"]
-    log = run(command(probe, overrides, processes=2), work)
+    return {"out": out, "log": run(command(probe, autoencoder_run(chain, out, 2), processes=2), work)}
+
+
+@pytest.mark.slow
+def test_autoencoder_logvar_agrees_across_ranks(autoencoder_ddp):
+    """``logvar`` is trained inside the DDP module, so its gradient is all-reduced and both ranks hold the same
+    value bit for bit. Were it outside (not all-reduced), each rank would step it with its own batch's gradient
+    and the two values would part after the first steps."""
+    out, log = autoencoder_ddp["out"], autoencoder_ddp["log"]
     lines = sorted(line.split() for line in log.splitlines() if line.startswith("PROBE "))
     assert [line[1] for line in lines] == ["rank=0", "rank=1"], log[-3000:]
     (_, _, logvar0, digest0), (_, _, logvar1, digest1) = lines
@@ -199,6 +209,57 @@ def test_autoencoder_logvar_agrees_across_ranks(chain, work):
     rows = loss_rows(out)
     assert [r["step"] for r in rows] == [f"{s}.0" for s in range(1, STEPS + 1)]
     assert all(r["disc_loss"] for r in rows[1:])  # the discriminator phase ran from step 1 on
+
+
+@pytest.mark.slow
+def test_autoencoder_two_processes_match_one_process_at_double_batch(chain, work, autoencoder_ddp):
+    """The same for the autoencoder with its GAN on from step 1: each frame's posterior noise is keyed by its slot,
+    the PatchGAN's GroupNorm normalises each frame alone, and the adaptive weight takes gradients averaged over
+    processes, so two processes at batch 2 train what one trains at batch 4 (LDM's BatchNorm would give each process
+    its own statistics, and each process's ratio of gradient norms would be its own)."""
+    two, one = autoencoder_ddp["out"], work / "autoencoder_one"
+    run(command("train_autoencoder.py", autoencoder_run(chain, one, 4), processes=1), work)
+    assert_same_losses(two, one)
+    names = ("model", "ema_model", "discriminator", "loss_logvar", "optimizer_generator", "optimizer_discriminator")
+    assert_same_state(final_checkpoint(two), final_checkpoint(one), names=names,
+                      noise=attention_key_biases(final_checkpoint(one)))
+
+
+def attention_key_biases(checkpoint: Path) -> frozenset[str]:
+    """The VAE's attention key biases and their AdamW moments: adding ``q · b`` to a whole row of logits leaves the
+    softmax unchanged, so their gradient is zero in exact arithmetic and they train on rounding noise alone, which
+    AdamW scales up to full steps (their moments differ by 100 % between reduction orders, all else by < 1e-4)."""
+    from autoencoder import load_autoencoder
+
+    params = [name for name, _ in load_autoencoder(checkpoint).named_parameters()]  # opt_g's order, then logvar
+    keys = {name for name in params if name.endswith("attn_1.k.bias")}
+    return frozenset(keys | {f"optimizer_generator.state.{params.index(n)}.{moment}" for n in keys
+                             for moment in ("exp_avg", "exp_avg_sq")})
+
+
+def _shards(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(p) for p in sorted(folder.glob("shard_*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_encoding_in_two_processes_writes_the_shards_one_process_writes(chain, work):
+    """``accelerate launch --num_processes 2 scripts/encode_latents.py``: each process encodes every other shard on its
+    own device, and the shards (bit for bit) and the manifest are those of one process."""
+    args = lambda out: encode_overrides(chain["autoencoder"] / "model", chain["videos"], out)  # noqa: E731
+    two, one = work / "encoded_two", work / "encoded_one"
+    run(command("encode_latents.py", args(two), processes=2, device_key="device"), work)
+    run(command("encode_latents.py", args(one), processes=1, device_key="device"), work)
+    a, b = _shards(two), _shards(one)
+    assert a.keys() == b.keys() and len(a) == 4
+    for name in a:
+        assert a[name].keys() == b[name].keys() and all(torch.equal(a[name][k], b[name][k]) for k in a[name])
+    ma, mb = (json.loads((out / "manifest.json").read_text()) for out in (two, one))
+    sa, sb = ma.pop("stats"), mb.pop("stats")
+    assert ma.pop("skipped").keys() == mb.pop("skipped").keys()  # the same files (decoders time-stamp their reasons)
+    assert ma == mb
+    assert len(sa["clips_per_process"]) == 2 and min(sa["clips_per_process"]) > 0  # both processes encoded
+    assert sum(sa["clips_per_process"]) == sb["encoded_clips"] == ma["clips"]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # nothing from rank 1
 
 
 def _launch_dests() -> set[str]:

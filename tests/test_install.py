@@ -102,3 +102,11 @@ def test_auto_picks_xformers_on_cuda_when_its_kernels_load(fresh_caches, monkeyp
     monkeypatch.setattr(attention, "_xformers_ops", lambda: object())  # stands in for xformers.ops
     names, caught = _resolve_twice("cuda")
     assert names == ["xformers", "xformers"] and caught == []
+
+
+def test_auto_is_sdpa_on_cuda_under_deterministic_algorithms(fresh_caches, monkeypatch):
+    """``run.deterministic``: PyTorch's attention kernels have deterministic backward passes, xformers' do not."""
+    monkeypatch.setattr(attention, "_xformers_ops", lambda: object())
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    names, caught = _resolve_twice("cuda")
+    assert names == ["sdpa", "sdpa"] and caught == []

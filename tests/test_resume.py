@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides, encode_overrides
+from tests.pipeline_helpers import autoencoder_overrides, diffusion_overrides, encode_overrides, logged_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("RESUME_TEST_SEED", "0"))
@@ -252,7 +252,7 @@ def _assert_same_training(reference: Path, resumed: Path) -> None:
     assert (cb / "latest").read_text() == (ca / "latest").read_text()
     for name in kept:
         _assert_same_files(ca / name, cb / name, ignore=("seconds",))  # training time is the one difference
-    assert (resumed / "loss.csv").read_text() == (reference / "loss.csv").read_text()
+    assert logged_losses(resumed) == logged_losses(reference)
 
 
 def _side_by_side(script: str, args, reference: Path, out: Path, root: Path, kind: str, last: str,
@@ -391,3 +391,15 @@ def test_a_loss_row_never_spans_a_resume():
     with pytest.raises(ConfigError, match="checkpoint_every must be a multiple of log_every"):
         load_config(DiffusionTrainConfig, None, ["run.checkpoint_every=3", "run.log_every=2"])
     load_config(DiffusionTrainConfig, None, ["run.checkpoint_every=4", "run.log_every=2"])
+
+
+def test_a_write_killed_inside_safetensors_leaves_a_temporary_that_the_writer_removes(tmp_path):
+    """safetensors writes each file through a ``.tmpXXXXXX`` beside it; a kill inside ``save_file`` leaves that
+    one, which the encoding stage removes on its next start (with its own ``.NAME.XXXX.tmp`` ones)."""
+    from pipelines.core.files import remove_stale_safetensors_temporaries
+
+    (tmp_path / ".tmpJT9bzX").write_bytes(b"\0" * 16)
+    (tmp_path / "shard_00000.safetensors").write_bytes(b"kept")
+    (tmp_path / ".tmp_not_ours").write_bytes(b"kept")
+    assert [p.name for p in remove_stale_safetensors_temporaries(tmp_path)] == [".tmpJT9bzX"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp_not_ours", "shard_00000.safetensors"]

@@ -71,6 +71,10 @@ def test_unknown_key_and_wrong_type_exit_2_naming_the_key():
     ("generate", "w_r=-1", "w_r"),
     ("train_diffusion", "model.p_uncond=2", "p_uncond"),
     ("encode_latents", "videos_per_shard=0", "videos_per_shard"),
+    ("train_diffusion", "run.compile=maybe", "compile"),
+    ("train_diffusion", "data.vae_dtype=fp8", "vae_dtype"),
+    ("generate", "mixed_precision=fp8", "mixed_precision"),
+    ("train_autoencoder", "run.compile=true", "run.compile"),
 ])
 def test_run_value_errors_exit_2_with_one_line_naming_the_key(script, override, key):
     result = run(script, override)

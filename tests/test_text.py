@@ -86,3 +86,25 @@ def test_missing_open_clip_weights_fail_fast_with_what_to_provide(tmp_path):
     with pytest.raises(FileNotFoundError, match="no pretrained tag"):
         OpenCLIPTextEncoder("ViT-B-32", "no-such-tag")
     assert time.perf_counter() - start < 30  # no network retries
+
+
+def test_open_clip_keeps_its_text_tower_only_and_builds_its_tokenizer_once(tiny_clip, monkeypatch):
+    """ViT-L/14's vision tower (300 M parameters) would otherwise go to every GPU, and open_clip's tokenizer takes
+    tens of milliseconds to build: once per encoder, not once per call."""
+    import open_clip
+
+    path, reference = tiny_clip
+    builds = []
+    get_tokenizer = open_clip.get_tokenizer
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda *a, **k: builds.append(a) or get_tokenizer(*a, **k))
+    encoder = OpenCLIPTextEncoder("TinyCLIP-test", str(path))
+    for _ in range(3):
+        out = encoder(["a red circle moving left"])
+    assert len(builds) == 1
+    names = [name for name, _ in encoder.clip.named_parameters()]
+    assert names and not any(name.startswith("visual.") for name in names)
+    text_only = sum(p.numel() for n, p in reference.named_parameters() if not n.startswith("visual."))
+    assert sum(p.numel() for p in encoder.parameters()) == text_only
+    with torch.no_grad():
+        tokens = get_tokenizer("TinyCLIP-test")(["a red circle moving left"])
+        torch.testing.assert_close(out["cond"], reference.eval().encode_text(tokens))

@@ -40,6 +40,8 @@ class ConfigError(UserError, ValueError):
 
 
 Device = Literal["auto", "cpu", "cuda"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+VaeDtype = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 on a GPU that has it, else fp32
 
 
 @dataclass
@@ -70,7 +72,8 @@ class RunConfig:
     steps: int = 1000  # optimiser steps
     batch_size: int = 8  # per process and micro-batch; global batch = batch_size × processes × grad_accum
     grad_accum: int = 1  # micro-batches per optimiser step
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast (bf16 is for GPUs: CPUs here lack bf16 units)
+    mixed_precision: MixedPrecision = "no"  # autocast (bf16 is for GPUs: CPUs here lack bf16 units); sample sheets
+    # during training are drawn under it too on a GPU
     seed: int = 0
     checkpoint_every: int = 500  # steps between full training-state checkpoints (and the last step)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
@@ -81,11 +84,15 @@ class RunConfig:
     device: Device = "auto"  # auto: CUDA when present (accelerate places each process), else the CPU
     ema_decay: float = 0.999  # 0 disables the EMA
     report_to: Literal["none", "tensorboard", "wandb", "all"] = "none"  # accelerate trackers, beside loss.csv/png
-    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops (each one skips its step)
+    max_bad_steps: int = 10  # consecutive steps with a non-finite loss or gradient (each one skipped) that stop the
+    # run, at the next loss-log row
     sharding: Literal["none", "fsdp2"] = "none"  # none: data parallel (DDP), every process holds the whole model;
     # fsdp2: weights, gradients, AdamW moments and EMA sharded over the processes block by block (FSDP2, gradients
     # reduced in fp32), sharded checkpoints (torch.distributed.checkpoint) plus full safetensors weights; the
     # diffusion trainer only, with mixed_precision no or bf16 (docs/sharded-training.md)
+    compile: bool = False  # torch.compile the U-Net (the first steps compile it; the same weights and checkpoints)
+    deterministic: bool = False  # PyTorch's deterministic algorithms: a CUDA run repeats bit for bit (slower; an op
+    # without a deterministic kernel stops the run naming itself); CPU runs repeat without it
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints",

@@ -1,15 +1,21 @@
-"""Where work runs and what it costs: the device a config names, and a process's peak memory."""
+"""Where work runs and what it costs: the device a config names, its numerics (TF32, determinism, autocast, the
+autoencoder's precision), copies to it that do not wait, and a process's peak memory."""
 
 from __future__ import annotations
 
+import os
 import platform
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Optional
 
 import psutil
 import torch
 
-from pipelines.core.config import ConfigError, Device
+from pipelines.core.config import ConfigError, Device, MixedPrecision, VaeDtype
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: Device) -> torch.device:
@@ -19,6 +25,63 @@ def resolve_device(name: Device) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device=cuda but CUDA is not available")
     return torch.device(name)
+
+
+def launched_processes() -> int:
+    """Processes ``accelerate launch`` / ``torchrun`` started (1 without them)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wants_cpu(name: Device) -> bool:
+    """Whether a (possibly multi-process) run on ``name`` uses the CPU: ``cpu``, or ``auto`` without CUDA, where
+    accelerate asked for a GPU setup on a machine without one would start every process as a lone "main" process."""
+    return name == "cpu" or (name == "auto" and not torch.cuda.is_available())
+
+
+def configure_numerics(device: torch.device, deterministic: bool = False) -> None:
+    """On CUDA: TF32 for float32 matrix products and convolutions (inputs rounded to a 10-bit mantissa, float32
+    accumulation: finer than the bf16 that autocast gives most of a step, and what the VAE in float32 and the
+    sampler's float32 guidance need no more than). Anywhere: PyTorch's deterministic algorithms when
+    ``deterministic`` (an op without one raises, naming itself; cuDNN picks deterministic convolutions, cuBLAS a
+    fixed workspace), else PyTorch's defaults."""
+    if device.type == "cuda":  # the flags accelerate and xformers read too (PyTorch refuses a mix with the new API)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read by cuBLAS at its first call
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def autocast_dtype(device: torch.device, precision: MixedPrecision | str) -> Optional[torch.dtype]:
+    """The dtype a network runs in under autocast for ``precision`` on ``device``: bf16 / fp16 on CUDA, ``None``
+    (float32) on a CPU, whose bf16 is emulated and many times slower, or for ``no`` / ``fp32``."""
+    return None if device.type != "cuda" or precision in ("no", "fp32") else DTYPES[precision]
+
+
+def autocast(device: torch.device, precision: MixedPrecision | str) -> AbstractContextManager:
+    """``torch.autocast`` in :func:`autocast_dtype`'s dtype, or nothing."""
+    dtype = autocast_dtype(device, precision)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def vae_dtype(name: VaeDtype, device: torch.device) -> torch.dtype:
+    """The autoencoder's weights and activations: ``auto`` is bf16 on a GPU that has it (float32's range, so the
+    SD-family VAEs that overflow fp16 do not), else float32; fp16 only when asked."""
+    if name != "auto":
+        return DTYPES[name]
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device``; from the CPU to a GPU through pinned memory and without waiting (a copy from
+    pageable memory makes the host wait for the GPU's queue)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class PeakMemory:

@@ -72,6 +72,15 @@ def remove_stale_temporaries(folder: str | os.PathLike, name: str) -> list[Path]
     return stale
 
 
+def remove_stale_safetensors_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (``.tmpXXXXXX``) safetensors writes each file through and renames, which a process
+    killed inside ``save_file`` leaves behind. As :func:`remove_stale_temporaries`: the folder's one writer only."""
+    stale = [p for p in Path(folder).glob(".tmp??????") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Atomic text write (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
@@ -33,7 +32,10 @@ from tqdm.auto import tqdm
 
 from pipelines.core.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from pipelines.core.config import ConfigError, OptimConfig, RunConfig, UserError, config_to_dict, save_resolved_config
+from pipelines.core.devices import configure_numerics, launched_processes, wants_cpu
+from pipelines.core.on_device import StepLog, gradient_norm, on_every_process, poison_unless, step_unless
 from pipelines.core.sharded import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint, set_gradient_sync
+from pipelines.core.telemetry import Meter
 from pipelines.core.visual import LossLog
 
 
@@ -44,7 +46,8 @@ def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
 
     Without CUDA, ``run.device=auto`` under a multi-process launch means the CPU (gloo): asked for a GPU setup on
     a machine without one, accelerate would otherwise start every process as a lone "main" process, all training
-    alone and writing the same files. A launch whose processes still do not form one group stops here.
+    alone and writing the same files. A launch whose processes still do not form one group stops here. TF32 and
+    ``run.deterministic`` are set for the run (:func:`pipelines.core.devices.configure_numerics`).
 
     DDP keeps the gradients as views of its all-reduce buckets (``gradient_as_bucket_view``): no copy into and
     out of the buckets each step, and one gradient-sized buffer less.
@@ -54,8 +57,8 @@ def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
 
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device=cuda but CUDA is not available")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch / torchrun in every process
-    cpu = run.device == "cpu" or (run.device == "auto" and launched > 1 and not torch.cuda.is_available())
+    launched = launched_processes()  # set by accelerate launch / torchrun in every process
+    cpu = wants_cpu(run.device)
     trackers = {"none": None, "all": "all"}.get(run.report_to, [run.report_to])
     accelerator = Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.grad_accum,
                               cpu=cpu, log_with=trackers, project_dir=run.out_dir,
@@ -65,6 +68,7 @@ def make_accelerator(run: RunConfig, find_unused_parameters: bool = False):
         raise ConfigError(f"run.device={run.device}: {launched} processes were launched but accelerate set up "
                           f"{accelerator.num_processes} ({accelerator.distributed_type}); on a machine without "
                           f"GPUs use run.device=cpu")
+    configure_numerics(accelerator.device, run.deterministic)
     return accelerator
 
 
@@ -191,13 +195,15 @@ def index_batches(dataset, run: RunConfig, accelerator, start_step: int) -> Iter
     Each batch carries ``slot [b]``: every sample's index in the sequence of all samples of the run, the same
     whatever the split into processes and micro-batches (per-sample random draws are keyed by it). The order
     is :class:`IndexStream`'s (a pure function of the seed and the batch number), so a resumed run
-    reads exactly the batches it would have read; data-loader workers prefetch them.
+    reads exactly the batches it would have read; data-loader workers prefetch them, into pinned memory for a GPU,
+    whose copies then run beside its work (``non_blocking``).
     """
     stream = IndexStream(len(dataset), run.batch_size, run.seed, accelerator.process_index, accelerator.num_processes,
                          run.grad_accum)
     loader = torch.utils.data.DataLoader(
         EpochView(dataset), batch_sampler=stream.batches(start_step * run.grad_accum), num_workers=run.num_workers,
-        collate_fn=collate, generator=torch.Generator().manual_seed(run.seed))  # not the global RNG
+        collate_fn=collate, generator=torch.Generator().manual_seed(run.seed),  # not the global RNG
+        pin_memory=accelerator.device.type == "cuda")
     device, size, k = accelerator.device, run.batch_size, start_step * run.grad_accum
     for batch in loader:
         batch = {key: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for key, v in batch.items()}
@@ -244,7 +250,7 @@ class TrainingState:
     emas: dict[str, Any] = field(default_factory=dict)  # name -> diffusion.ema.EMA
     step: int = 0
     seconds: float = 0.0  # training time accumulated over all resumed runs
-    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
     bad_in_a_row: int = 0  # consecutive skipped steps up to now
     sharded: bool = False  # run.sharding=fsdp2: the modules are FSDP2's, checkpoints go through DCP
 
@@ -368,53 +374,49 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 class Phase:
     """One optimiser of a training step and the loss that trains it.
 
-    ``loss(batch, generator) -> (scalar loss, {name: float})`` runs on one micro-batch; ``modules`` are the
+    ``loss(batch, generator) -> (scalar loss, {name: tensor or float})`` runs on one micro-batch; ``modules`` are the
     prepared modules whose gradients accumulate over micro-batches (DDP's ``no_sync``); ``active(step)`` says
-    whether the phase runs at a step (the discriminator starts late); ``lr`` is the phase's base learning rate.
+    whether the phase runs at a step (the discriminator starts late); ``lr`` is the phase's base learning rate;
+    ``clip``: whether ``optim.max_grad_norm`` clips its gradients.
     """
 
     name: str
     optimizer: torch.optim.Optimizer
     modules: tuple[nn.Module, ...]
-    loss: Callable[[Any, torch.Generator], tuple[Tensor, dict[str, float]]]
+    loss: Callable[[Any, torch.Generator], tuple[Tensor, dict[str, Tensor | float]]]
     lr: float
     active: Callable[[int], bool] = lambda step: True
+    clip: bool = True
 
 
 def _run_phase(phase: Phase, micro: list, accelerator, generator: torch.Generator, optim: OptimConfig,
-               logs: dict[str, list[float]]) -> bool:
-    """Accumulate the phase's gradients over the micro-batches and step its optimiser; ``False`` (and no step)
-    when a loss on any process is not finite."""
+               log: StepLog) -> Tensor:
+    """Accumulate the phase's gradients over the micro-batches and step its optimiser unless a loss on any process
+    or a gradient is not finite; returns whether it stepped, a bool on the device that nothing reads before the
+    next loss-log row (:mod:`pipelines.core.on_device`)."""
     phase.optimizer.zero_grad(set_to_none=True)  # also drops gradients another phase's loss left here
-    finite, step_logs = torch.ones((), device=accelerator.device), defaultdict(list)
+    finite, step_logs = torch.ones((), dtype=torch.bool, device=accelerator.device), defaultdict(list)
     sharded = is_sharded(phase.modules)
     for i, batch in enumerate(micro):
         with _micro_batch(accelerator, phase.modules, sharded, last=i == len(micro) - 1):
             with accelerator.autocast():
                 loss, items = phase.loss(batch, generator)
-            finite = finite * torch.isfinite(loss.detach()).float()
+            finite = finite & torch.isfinite(loss.detach())
             if sharded:  # FSDP2 reduce-scatters the mean over processes after the last micro-batch
                 (loss / len(micro)).backward()
             else:  # divides by grad_accum; DDP all-reduces on the last micro-batch only
                 accelerator.backward(loss)
         for key, value in items.items():
             step_logs[key].append(value)
-    if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    if float(finite) < 1:  # skipped: neither its weights nor its logged values count
-        phase.optimizer.zero_grad(set_to_none=True)
-        return False
-    for key, values in step_logs.items():
-        logs[key].extend(values)
-    if optim.max_grad_norm > 0:
-        params = [p for m in phase.modules for p in m.parameters()]
-        if sharded:  # DTensor gradients: torch's clipping takes the norm of the whole gradient across processes
-            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
-        else:
-            accelerator.clip_grad_norm_(params, optim.max_grad_norm)
-    phase.optimizer.step()
+    if accelerator.scaler is not None:  # fp16: the GradScaler decides from the gradients
+        poison_unless(phase.optimizer, on_every_process(finite, accelerator))
+    parameters = [p for m in phase.modules for p in m.parameters()]
+    norm = gradient_norm(accelerator, phase.optimizer, parameters, optim.max_grad_norm if phase.clip else 0.0)
+    taken = on_every_process(finite & torch.isfinite(norm), accelerator)
+    step_unless(phase.optimizer, ~taken, accelerator.scaler)  # skipped: neither its weights nor its logs count
     phase.optimizer.zero_grad(set_to_none=True)
-    return True
+    log.add_values(step_logs, taken)
+    return taken
 
 
 @contextlib.contextmanager
@@ -436,38 +438,41 @@ def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingS
     means over all processes; only the main process writes ``loss.csv`` / ``loss.png``).
 
     Each step draws ``grad_accum`` micro-batches, runs every active phase over them, updates the EMAs, logs the
-    mean of each logged value since the last row, and checkpoints every ``checkpoint_every`` steps and at the
-    end. A step whose loss is not finite is skipped and counted; ``max_bad_steps`` in a row stop the run with
-    the last checkpoint intact.
+    mean of each logged value since the last row with the throughput (:mod:`pipelines.core.telemetry`), and
+    checkpoints every ``checkpoint_every`` steps and at the end. A step whose loss or gradient is not finite is
+    skipped and counted; ``max_bad_steps`` in a row stop the run at the next row with the last checkpoint intact.
+    A step reads nothing back from the device until its row (:mod:`pipelines.core.on_device`).
     """
     out = Path(run.out_dir)
     losses = LossLog(out / "loss.csv", resume_step=state.step, write=accelerator.is_main_process)
-    timer, window, resumed_at_end = Timer(state), defaultdict(list), state.step >= run.steps
+    timer, log, resumed_at_end = Timer(state), StepLog(accelerator.device, state.bad_in_a_row), state.step >= run.steps
+    meter = Meter(accelerator, run, state.step, timer.seconds())
     bar = tqdm(total=run.steps, initial=state.step, desc=desc, disable=not accelerator.is_main_process)
     while state.step < run.steps:
         generator = seed_step(run.seed, accelerator.process_index, state.step, accelerator.device)
         micro = [next(batches) for _ in range(run.grad_accum)]
-        lrs, ok = {}, True
-        for phase in phases:
-            if phase.active(state.step):
-                lrs[f"lr_{phase.name}"] = set_lr(phase.optimizer, state.step, run.steps, optim, phase.lr)
-                ok = _run_phase(phase, micro, accelerator, generator, optim, window) and ok
-        state.bad_in_a_row = 0 if ok else state.bad_in_a_row + 1  # the same on every process (reduced)
-        state.skipped_steps += 0 if ok else 1
-        if state.bad_in_a_row >= run.max_bad_steps:
-            raise UserError(f"{state.bad_in_a_row} non-finite losses in a row up to step {state.step}: stopped "
-                            f"(lower optim.lr or use mixed_precision=no); the last checkpoint in "
-                            f"{out / 'checkpoints'} is intact")
-        for name, ema in state.emas.items() if ok else ():  # a skipped step changed no weight
-            ema.update(state.modules[name])
+        lrs, taken = {}, torch.ones((), dtype=torch.bool, device=accelerator.device)
+        with meter.counting():  # the first step's FLOPs
+            for phase in phases:
+                if phase.active(state.step):
+                    lrs[f"lr_{phase.name}"] = set_lr(phase.optimizer, state.step, run.steps, optim, phase.lr)
+                    taken = _run_phase(phase, micro, accelerator, generator, optim, log) & taken
+        log.add_step(taken)  # the same on every process (reduced)
+        for name, ema in state.emas.items():  # a skipped step changes no weight
+            ema.update(state.modules[name], taken)
         state.step += 1
         bar.update(1)
         if state.step % run.log_every == 0 or state.step == run.steps:
-            row = _mean_over_processes(window, accelerator) | lrs | {"skipped_steps": state.skipped_steps}
+            means, skipped, state.bad_in_a_row, worst = log.read(accelerator)  # the step's one host wait
+            state.skipped_steps += skipped
+            if worst >= run.max_bad_steps:
+                raise UserError(f"{worst} steps in a row with a non-finite loss or gradient up to step {state.step}: "
+                                f"stopped (lower optim.lr or use mixed_precision=no); the last checkpoint in "
+                                f"{out / 'checkpoints'} is intact")
+            row = means | lrs | {"skipped_steps": state.skipped_steps} | meter.row(state.step, timer.seconds())
             losses.append(state.step, **row)
             accelerator.log(row, step=state.step)
             bar.set_postfix({k: f"{v:.4f}" for k, v in list(row.items())[:2]})
-            window.clear()
         periodic = bool(run.sample_every) and state.step % run.sample_every == 0
         if state.step % run.checkpoint_every == 0 or state.step == run.steps or periodic:
             timer.pause()
@@ -483,18 +488,6 @@ def train_loop(run: RunConfig, optim: OptimConfig, accelerator, state: TrainingS
     if accelerator.is_main_process and losses.rows:
         losses.plot(out / "loss.png", plot_keys, desc)
     return losses
-
-
-def _mean_over_processes(window: Mapping[str, list[float]], accelerator) -> dict[str, float]:
-    """The mean of each logged value since the last row, over this process's micro-batches and then over all
-    processes (each process sees ``1 / num_processes`` of the global batch), so the curve is the global batch's
-    whatever the split. Every process logs the same keys (they run the same phases), in the same order."""
-    keys = [k for k, v in window.items() if v]
-    means = [sum(window[k]) / len(window[k]) for k in keys]
-    if accelerator.num_processes > 1 and keys:
-        local = torch.tensor(means, dtype=torch.float64, device=accelerator.device)
-        means = accelerator.reduce(local, reduction="mean").tolist()
-    return dict(zip(keys, means))
 
 
 def finish_run(accelerator) -> None:
@@ -521,3 +514,7 @@ class Timer:
 
     def resume(self) -> None:
         self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training seconds so far (the timer running)."""
+        return self.state.seconds + time.perf_counter() - self.start

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pipelines.core.devices import to_device
 from pipelines.models.config import CLIP_VOCAB_SIZE, TextConfig
 
 
@@ -68,7 +69,7 @@ class SmallTextEncoder(nn.Module):
 
     def forward(self, captions: list[str]) -> dict[str, Tensor]:
         device = self.positional.device
-        tokens = tokenize(captions, self.context_length).to(device)
+        tokens = to_device(tokenize(captions, self.context_length), device)
         valid = tokens != 0  # [b, n]
         x = self.token_embedding(tokens % self.vocab_size) + self.positional
         x = self.ln_final(self.transformer(x, src_key_padding_mask=~valid))
@@ -77,13 +78,19 @@ class SmallTextEncoder(nn.Module):
 
 
 class OpenCLIPTextEncoder(nn.Module):
-    """open_clip's text tower, frozen: pooled (projected) sentence embedding and final-layer token features."""
+    """open_clip's text tower, frozen: pooled (projected) sentence embedding and final-layer token features.
+
+    The vision tower is dropped once the weights are read (ViT-L/14's is 300 M parameters that no GPU needs), and
+    the tokenizer is built once (open_clip builds its BPE tables anew for every ``get_tokenizer``)."""
 
     def __init__(self, model: str = "ViT-L-14", pretrained: str = "openai", cache_dir: Optional[str] = None):
+        import open_clip
+
         super().__init__()
         self.clip = load_open_clip(model, pretrained, cache_dir)
+        self.clip.visual = None  # the text tower only
         self.clip.requires_grad_(False).eval()
-        self.tokenizer_name = model
+        self.tokenizer = open_clip.get_tokenizer(model)
         tower = getattr(self.clip, "text", self.clip)
         self._tokens: list[Tensor] = []
         tower.ln_final.register_forward_hook(lambda module, args, out: self._tokens.append(out))
@@ -100,12 +107,10 @@ class OpenCLIPTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, captions: list[str]) -> dict[str, Tensor]:
-        import open_clip
-
-        tokens = open_clip.get_tokenizer(self.tokenizer_name)(list(captions))
+        tokens = self.tokenizer(list(captions))
         device = next(self.clip.parameters()).device
         self._tokens.clear()
-        pooled = self.clip.encode_text(tokens.to(device))
+        pooled = self.clip.encode_text(to_device(tokens, device))
         return {"cond": pooled.float(), "context": self._tokens[-1].float()}
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from autoencoder.config import AutoencoderConfig, AutoencoderLossConfig
-from pipelines.core.config import Device, OptimConfig, RunConfig
+from pipelines.core.config import Device, OptimConfig, RunConfig, VaeDtype
 from pipelines.media.config import ClipSpec, FramesConfig
 from pipelines.models.config import DiffusionModelConfig, SamplingConfig, TextConfig
 
@@ -59,7 +59,9 @@ class EncodeConfig:
     store_tokens: bool = False  # also store the token embeddings (for cross-attention)
     seed: int = 0
     num_workers: int = 0  # data-loader worker processes
-    device: Device = "auto"
+    vae_dtype: VaeDtype = "auto"  # the autoencoder's precision (auto: bf16 on a GPU that has it, else fp32; fp16,
+    # which SD-family VAEs overflow, only when asked); part of each shard's fingerprint
+    device: Device = "auto"  # several GPUs: accelerate launch --num_processes N (shards split between processes)
 
     def __post_init__(self) -> None:
         for name in ("clips_per_video", "videos_per_shard", "batch_size", "chunk_frames"):
@@ -81,6 +83,8 @@ class DiffusionDataConfig:
     images: list[str] = field(default_factory=list)  # image folders to draw them from (default: other frames
     # of the same clip)
     image_captions: Optional[str] = None  # a captions manifest for the image folders
+    vae_dtype: VaeDtype = "auto"  # the autoencoder's precision for on-the-fly encoding and sample videos (auto: bf16
+    # on a GPU that has it, else fp32; fp16, which SD-family VAEs overflow, only when asked)
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.images_per_video < 0:
@@ -171,6 +175,10 @@ class GenerateConfig:
     raw_frames: bool = False  # also write each video's decoded frames losslessly, uint8 [f, H, W, 3] as .npy
     # beside the .mp4 (for measuring: the video codec rounds a frame by the frames around it)
     use_ema: bool = True  # sample with the EMA weights
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # the U-Net's autocast on a GPU (auto: the
+    # training run's run.mixed_precision); a CPU samples in fp32
+    vae_dtype: VaeDtype = "auto"  # the autoencoder's precision (auto: bf16 on a GPU that has it, else fp32; fp16,
+    # which SD-family VAEs overflow, only when asked)
     device: Device = "auto"
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from autoencoder import decode_video, encode_video, load_autoencoder
 from pipelines.core.config import UserError, config_to_dict, save_resolved_config
-from pipelines.core.devices import resolve_device
+from pipelines.core.devices import autocast, configure_numerics, resolve_device, vae_dtype
 from pipelines.core.files import atomic_write_json
 from pipelines.core.visual import save_png, tile, to_uint8
 from pipelines.media.config import ClipSpec
@@ -161,16 +161,25 @@ def training_clip_spec(bundle: DiffusionBundle) -> Optional[ClipSpec]:
     return None if clip is None else ClipSpec(**clip)
 
 
+def sampling_precision(cfg: GenerateConfig, bundle: DiffusionBundle) -> str:
+    """The U-Net's autocast while sampling: ``cfg.mixed_precision``, or with ``auto`` the training run's."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return bundle.info.get("config", {}).get("run", {}).get("mixed_precision", "no")
+
+
 @torch.no_grad()  # reconstruction guidance enables gradients for its own computation only
 def generate(cfg: GenerateConfig, log=print) -> dict:
-    """Generate into ``cfg.out_dir``: videos, a contact sheet and ``generation_<name>.json``."""
+    """Generate into ``cfg.out_dir``: videos, a contact sheet and ``generation_<name>.json``. On a GPU the U-Net
+    samples under the training run's autocast (``mixed_precision``) with TF32, the VAE in ``vae_dtype``."""
     device = resolve_device(cfg.device)
+    configure_numerics(device)
     bundle = load_diffusion(cfg.model, device, use_ema=cfg.use_ema)
     keyframe_bundle = load_diffusion(cfg.keyframe_model, device, cfg.use_ema) if cfg.keyframe_model else bundle
     vae_path = cfg.autoencoder or bundle.autoencoder
     if not vae_path:
         raise UserError("no autoencoder: set autoencoder=PATH (the model does not record one)")
-    vae = load_autoencoder(vae_path, device=device)
+    vae = load_autoencoder(vae_path, device=device, dtype=vae_dtype(cfg.vae_dtype, device))
     given = read_given(cfg.condition, model_frame_size(bundle, vae), training_clip_spec(bundle),
                        cfg.num_frames) if cfg.condition.given else []
     jobs = make_jobs(cfg, given)  # every input read and checked: nothing is written before this line
@@ -187,8 +196,9 @@ def generate(cfg: GenerateConfig, log=print) -> dict:
     generator = torch.Generator(device).manual_seed(cfg.seed)
     index = 0
     for job, frames in zip(jobs, total_frames):
-        latents, boundaries = sample_job(job, cfg, bundle, keyframe_bundle, vae, chunk, generator,
-                                         on_chunk=lambda _: bar.update(1))
+        with autocast(device, sampling_precision(cfg, bundle)):
+            latents, boundaries = sample_job(job, cfg, bundle, keyframe_bundle, vae, chunk, generator,
+                                             on_chunk=lambda _: bar.update(1))
         positions = tuple(given_positions(cfg, job.given_count)) if job.given else ()
         writer = _Writer(vae, cfg.decode_chunk_frames, cfg.fps,
                          torch.linspace(0, frames - 1, columns).round().long().tolist(), cfg.raw_frames)

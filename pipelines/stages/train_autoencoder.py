@@ -25,8 +25,10 @@ from autoencoder import (
     load_autoencoder,
     save_autoencoder,
 )
+from autoencoder.losses import loss_gradient, scaled_gradient
 from diffusion import EMA
-from pipelines.core.config import config_to_dict
+from pipelines.core.config import ConfigError, config_to_dict
+from pipelines.core.draws import SampleDraws
 from pipelines.core.files import atomic_write_json
 from pipelines.core.loop import (
     Phase,
@@ -44,28 +46,62 @@ from pipelines.media.datasets import FrameDataset
 from pipelines.stages.configs import AutoencoderTrainConfig
 
 
-class AutoencoderObjective(nn.Module):
-    """The VAE and its loss (learned log-variance, discriminator, frozen LPIPS) as one module, so data
-    parallelism wraps all of it and every trained parameter, ``logvar`` included, is all-reduced."""
+class GeneratorObjective(nn.Module):
+    """The generator phase's trained parameters, the VAE and the learned log-variance (with the frozen LPIPS), as one
+    module, so data parallelism all-reduces every one of them, ``logvar`` included. The discriminator is a module of
+    its own, seen here through ``critic`` with its weights detached: the generator loss neither back-propagates
+    into it nor all-reduces it, and clipping sees the generator's gradients only."""
 
     def __init__(self, vae: AutoencoderKL, loss: AutoencoderLoss):
         super().__init__()
         self.vae, self.loss = vae, loss
 
-    def forward(self, batch: dict, step: int, phase: str) -> tuple[Tensor, dict[str, float]]:
-        """``generator``: the VAE's loss on ``batch["image"]`` (keeps the reconstruction for the discriminator);
-        ``discriminator``: the PatchGAN's loss on that pair."""
+    def forward(self, batch: dict, step: int, critic, gradient, noise: Tensor) -> tuple[Tensor, dict]:
+        """The VAE's loss on ``batch["image"]`` (keeps the reconstruction for the discriminator phase); ``noise``:
+        the posterior samples' ε, drawn per sample (:class:`SampleDraws`)."""
         x = batch["image"]
-        if phase == "generator":
-            recon, posterior = self.vae(x)
-            batch["recon"] = recon.detach()
-            return self.loss(x, recon, posterior, 0, step, last_layer=self.vae.last_layer)
-        loss, logs = self.loss(x, batch["recon"], None, 1, step)
+        recon, posterior = self.vae(x, noise=noise)
+        batch["recon"] = recon.detach()
+        return self.loss(x, recon, posterior, 0, step, last_layer=self.vae.last_layer, discriminator=critic,
+                         gradient=gradient)
+
+
+class DiscriminatorObjective(nn.Module):
+    """The PatchGAN and its loss on a batch's frames and the generator phase's reconstructions, as one module (it
+    runs the discriminator twice, on real and on reconstructed frames, in one forward for data parallelism)."""
+
+    def __init__(self, discriminator: nn.Module, loss: AutoencoderLoss):
+        super().__init__()
+        self.discriminator = discriminator
+        self.criterion = loss.discriminator_loss  # a bound method: the loss is no submodule here
+
+    def forward(self, batch: dict, step: int) -> tuple[Tensor, dict]:
+        loss, logs = self.criterion(batch["image"], batch["recon"], step, self.discriminator)
         return loss, {k: v for k, v in logs.items() if k != "disc_factor"}
 
 
+def detached(module: nn.Module):
+    """``module``'s forward with its parameters detached: gradients reach its input only."""
+    def forward(x: Tensor) -> Tensor:
+        return torch.func.functional_call(module, {k: p.detach() for k, p in module.named_parameters()}, (x,))
+
+    return forward
+
+
+def last_layer_gradient(accelerator):
+    """The adaptive weight's ``gradient(loss, W)``: through the fp16 loss scale when there is one, averaged over
+    processes, so λ is the global batch's whatever the split (each process's ratio of norms would not be)."""
+    base = scaled_gradient(accelerator.scaler.scale) if accelerator.scaler is not None else loss_gradient
+
+    def gradient(loss: Tensor, weight: Tensor) -> Tensor:
+        return accelerator.reduce(base(loss, weight), reduction="mean")
+
+    return gradient
+
+
 def build_models(cfg: AutoencoderTrainConfig) -> tuple[AutoencoderKL, AutoencoderLoss]:
-    """The VAE (fresh or from ``init_from``) and its loss module (discriminator, learned log-variance, LPIPS)."""
+    """The VAE (fresh or from ``init_from``) and its loss module (learned log-variance, LPIPS; it builds the
+    discriminator)."""
     vae = load_autoencoder(cfg.init_from, channels_last=False).train() if cfg.init_from else AutoencoderKL(cfg.model)
     vae.set_gradient_checkpointing(cfg.gradient_checkpointing)
     return vae, AutoencoderLoss(cfg.loss, in_channels=vae.config.in_channels)
@@ -78,7 +114,9 @@ def model_json(config: AutoencoderConfig) -> dict:
 
 def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     """Train (or resume) the autoencoder; returns the evaluation summary written to ``eval.json``."""
-    accelerator = make_accelerator(cfg.run, find_unused_parameters=True)  # the phases use different parameters
+    if cfg.run.compile:
+        raise ConfigError("run.compile: compiles the diffusion U-Net; the autoencoder trains uncompiled")
+    accelerator = make_accelerator(cfg.run)
     out = start_run(accelerator, cfg, cfg.run, "autoencoder", ("model", "loss"))
     data = cfg.data
     train_set = FrameDataset(data.roots, data.size, data.frames_per_video, "train", data.eval_fraction, data.crop,
@@ -86,29 +124,42 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     held_out, held_out_source = held_out_frames(data, cfg.eval_frames, cfg.run.seed + 1)  # checked before training
     scale_frames = fixed_frames(train_set, cfg.scale_frames)
     torch.manual_seed(cfg.run.seed)  # initial weights are a function of the seed
-    objective = AutoencoderObjective(*build_models(cfg))
-    opt_g = make_optimizer(list(objective.vae.parameters()) + [objective.loss.logvar], cfg.optim)
-    opt_d = make_optimizer(objective.loss.discriminator.parameters(), cfg.optim)
-    objective, opt_g, opt_d = accelerator.prepare(objective, opt_g, opt_d)
-    raw = accelerator.unwrap_model(objective)
+    vae, loss_fn = build_models(cfg)
+    discriminator = loss_fn.build_discriminator()
+    if cfg.loss.disc_norm == "batch" and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)  # the global batch's statistics
+    opt_g = make_optimizer(list(vae.parameters()) + [loss_fn.logvar], cfg.optim)
+    opt_d = make_optimizer(discriminator.parameters(), cfg.optim)
+    generator, critic, opt_g, opt_d = accelerator.prepare(GeneratorObjective(vae, loss_fn),
+                                                          DiscriminatorObjective(discriminator, loss_fn), opt_g, opt_d)
+    raw = accelerator.unwrap_model(generator)
+    raw_discriminator = accelerator.unwrap_model(critic).discriminator
     emas = {"model": EMA(raw.vae, cfg.run.ema_decay)} if cfg.run.ema_decay > 0 else {}
-    state = TrainingState({"model": raw.vae, "discriminator": raw.loss.discriminator,
+    state = TrainingState({"model": raw.vae, "discriminator": raw_discriminator,
                            "loss_logvar": nn.ParameterDict({"logvar": raw.loss.logvar})},
                           {"generator": opt_g, "discriminator": opt_d}, emas)
     state.maybe_resume(out / "checkpoints", cfg.run.resume, log, config_to_dict(cfg), ("model", "loss"), accelerator)
     started_at = state.step  # 0: a fresh run; run.steps: everything reused
-
-    def loss(phase: str):
-        return lambda batch, generator: objective(batch, state.step, phase)
+    frozen_critic, gradient = detached(raw_discriminator), last_layer_gradient(accelerator)
 
     def checkpoint() -> None:
         config = _with_scale(raw.vae, scale_frames, cfg.run.seed)
         state.save(accelerator, out / "checkpoints", config_to_dict(cfg), cfg.run.keep_checkpoints,
                    json_files={"config.json": model_json(config)})
 
-    phases = [Phase("generator", opt_g, (objective,), loss("generator"), cfg.optim.lr),
-              Phase("discriminator", opt_d, (objective,), loss("discriminator"), cfg.disc_lr or cfg.optim.lr,
-                    active=lambda step: step >= cfg.loss.disc_start)]
+    z, factor = raw.vae.config.z_channels, raw.vae.config.downsample_factor
+    global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
+
+    def generator_loss(batch: dict, _) -> tuple[Tensor, dict]:
+        """The VAE's loss, its posterior noise keyed by each frame's slot: the same at any process count."""
+        height, width = (size // factor for size in batch["image"].shape[2:])
+        draws = SampleDraws(cfg.run.seed, batch["slot"], global_batch, accelerator.device)
+        noise = draws.normal((z, height, width))
+        return generator(batch, state.step, frozen_critic, gradient, noise)
+
+    phases = [Phase("generator", opt_g, (generator,), generator_loss, cfg.optim.lr),
+              Phase("discriminator", opt_d, (critic,), lambda batch, _: critic(batch, state.step),
+                    cfg.disc_lr or cfg.optim.lr, active=lambda step: step >= cfg.loss.disc_start, clip=False)]
     batches = index_batches(train_set, cfg.run, accelerator, state.step)
     train_loop(cfg.run, cfg.optim, accelerator, state, batches, phases, desc="autoencoder", checkpoint=checkpoint,
                plot_keys=["rec_loss", "kl_loss", "g_loss", "disc_loss"])

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from autoencoder import decode_video, encode_video, load_autoencoder
 from diffusion import EMA, Denoiser, NoiseSchedule, diffusion_loss
 from pipelines.core.config import ConfigError, UserError, config_to_dict
+from pipelines.core.devices import autocast, to_device, vae_dtype
+from pipelines.core.draws import SampleDraws
 from pipelines.core.files import atomic_write_json
 from pipelines.core.loop import (
     Phase,
@@ -41,7 +43,6 @@ from pipelines.core.loop import (
     make_accelerator,
     make_optimizer,
     start_run,
-    step_seed,
     train_loop,
 )
 from pipelines.core.sharded import Sharding, start_sharding
@@ -53,41 +54,6 @@ from pipelines.models.config import DiffusionModelConfig
 from pipelines.models.diffusion import DiffusionBundle, build_unet, build_unet_config, sample, unet_blocks
 from pipelines.models.text import build_text_encoder, text_blocks
 from pipelines.stages.configs import DiffusionDataConfig, DiffusionTrainConfig
-
-
-class SampleDraws:
-    """The random draws of a micro-batch, one generator per sample keyed by ``(seed, slot)``.
-
-    ``slot = step · N + position`` for a global batch of ``N`` samples, so draws are the same whichever process
-    and micro-batch a sample lands in. Noise levels are stratified over the *global* batch (paper §2 samples
-    ``t ~ U[0, 1]``; stratifying lowers the variance): ``t = (π(position) + u) / N`` with one permutation ``π`` per
-    step, the same on every process.
-    """
-
-    def __init__(self, seed: int, slots: Tensor, global_batch: int, device: torch.device):
-        self.slots, self.global_batch, self.device, self.seed = slots.tolist(), global_batch, device, seed
-        self.generators = [torch.Generator(device).manual_seed(step_seed(seed, -2, s)) for s in self.slots]
-
-    def uniform(self) -> Tensor:
-        """One U[0, 1) draw per sample: ``[b]``."""
-        return torch.stack([torch.rand((), generator=g, device=self.device) for g in self.generators])
-
-    def integers(self, high: int, count: int = 1) -> Tensor:
-        """``count`` integers in ``[0, high)`` per sample: ``[b, count]``."""
-        return torch.stack([torch.randint(0, high, (count,), generator=g, device=self.device)
-                            for g in self.generators])
-
-    def normal(self, shape: tuple[int, ...]) -> Tensor:
-        """Standard normal noise ``[b, *shape]``."""
-        return torch.stack([torch.randn(shape, generator=g, device=self.device) for g in self.generators])
-
-    def times(self) -> Tensor:
-        """Stratified diffusion times ``[b]`` in [0, 1]."""
-        step = self.slots[0] // self.global_batch
-        order = torch.Generator(self.device).manual_seed(step_seed(self.seed, -3, step))
-        strata = torch.randperm(self.global_batch, generator=order, device=self.device)
-        position = torch.tensor([s % self.global_batch for s in self.slots], device=self.device)
-        return (strata[position] + self.uniform()) / self.global_batch
 
 
 class DiffusionObjective(nn.Module):
@@ -233,14 +199,19 @@ class _Source:
             if not self.autoencoder:
                 raise ConfigError("data.autoencoder is required to encode videos or images on the fly "
                                   "(or give data.latents)")
-            self.vae = load_autoencoder(self.autoencoder, device=device)
+            self.vae = load_autoencoder(self.autoencoder, device=device, dtype=vae_dtype(self.cfg.vae_dtype, device))
+
+    def encode(self, video: Tensor) -> Tensor:
+        """Latents ``[b, c, f, h, w]`` (float32) of pixels ``[b, 3, f, H, W]``: posterior samples of the frozen VAE, in
+        its own precision (``data.vae_dtype``), outside the training step's autocast (:func:`encode_video`)."""
+        with torch.no_grad():
+            return encode_video(self.vae, video, sample=True)
 
     def latents(self, batch: dict, device: torch.device) -> Tensor:
         """The batch's clips as latents ``[b, c, F, h, w]``."""
         if "latents" in batch:
             return batch["latents"].to(device)
-        with torch.no_grad():
-            return encode_video(self.vae, batch["video"].to(device), sample=True)
+        return self.encode(batch["video"].to(device))
 
     def training_clips(self, batch: dict, device: torch.device, draws: SampleDraws,
                        model: DiffusionModelConfig) -> tuple[Tensor, Windows]:
@@ -257,11 +228,10 @@ class _Source:
         if self.images is None:
             return latents, windows
         b = latents.shape[0]
-        picks = draws.integers(len(self.images), images).flatten().tolist()
+        picks = draws.integers(len(self.images), images, on_host=True).flatten().tolist()
         items = [self.images[i] for i in picks]
-        pixels = rearrange(torch.stack([it["image"] for it in items]), "(b m) c h w -> b c m h w", b=b).to(device)
-        with torch.no_grad():
-            image_latents = encode_video(self.vae, pixels, sample=True)
+        pixels = rearrange(torch.stack([it["image"] for it in items]), "(b m) c h w -> b c m h w", b=b)
+        image_latents = self.encode(to_device(pixels, device))
         batch["image_caption"] = [[it["caption"] for it in items[i * images : (i + 1) * images]] for i in range(b)]
         return torch.cat([latents, image_latents.to(latents.dtype)], dim=2), windows
 
@@ -277,8 +247,11 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, unet=build_unet_config(cfg.model, cfg.text, text.encoder, source.shape[0])))
     out = start_run(accelerator, cfg, cfg.run, "diffusion", ("model", "text"))
-    objective = DiffusionObjective(Denoiser(build_unet(cfg.model.unet, device), cfg.model.prediction), text,
-                                   NoiseSchedule.of(cfg.model.schedule), cfg.model)
+    net = build_unet(cfg.model.unet, device)
+    if cfg.run.compile:
+        net.compile()  # in place: the same parameters and state dict, compiled at its first calls
+    objective = DiffusionObjective(Denoiser(net, cfg.model.prediction), text, NoiseSchedule.of(cfg.model.schedule),
+                                   cfg.model)
     objective.text.to_device(device)
     sharding = _shard(objective, cfg.run.mixed_precision, device) if cfg.run.sharding == "fsdp2" else None
     optimizer = make_optimizer(objective.parameters(), cfg.optim)  # of the sharded parameters, under sharding
@@ -290,11 +263,11 @@ def train_diffusion(cfg: DiffusionTrainConfig, log=print) -> dict:
     started_at = state.step  # 0: a fresh run; run.steps: everything reused
     global_batch = cfg.run.batch_size * accelerator.num_processes * cfg.run.grad_accum
 
-    def loss(batch: dict, generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(batch: dict, generator) -> tuple[Tensor, dict[str, Tensor]]:
         draws = SampleDraws(cfg.run.seed, batch["slot"], global_batch, device)
         clips, windows = source.training_clips(batch, device, draws, cfg.model)
         value = objective(clips, batch, draws, cfg.data.images_per_video, windows.known).mean()
-        return value, {"loss": float(value.detach())}
+        return value, {"loss": value.detach()}  # read at the next loss-log row, not now
 
     info = {"latent_shape": source.shape, "autoencoder": source.autoencoder, "clip": source.clip}
     checkpoint = lambda: state.save(accelerator, out / "checkpoints", config_to_dict(cfg),  # noqa: E731
@@ -375,7 +348,7 @@ def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Sou
     with _ema_weights(modules, emas):
         raw.denoiser.eval()
         try:  # sharded weights are gathered in the compute dtype (bf16): autocast as in training
-            with accelerator.autocast() if sharded else contextlib.nullcontext():
+            with accelerator.autocast() if sharded else autocast(accelerator.device, cfg.run.mixed_precision):
                 denoise = bundle.denoise_fn(cfg.sample_prompts, cfg.sampling)
                 generator = torch.Generator(accelerator.device).manual_seed(cfg.run.seed)
                 latents = sample(bundle, denoise, (len(cfg.sample_prompts), *source.shape), cfg.sampling, generator)
@@ -384,8 +357,9 @@ def _samples(cfg, accelerator, raw: DiffusionObjective, emas: dict, source: _Sou
     if not accelerator.is_main_process:
         return
     try:
-        vae = source.vae or (load_autoencoder(source.autoencoder, device=accelerator.device) if source.autoencoder
-                             else None)
+        vae = source.vae or (load_autoencoder(source.autoencoder, device=accelerator.device,
+                                              dtype=vae_dtype(cfg.data.vae_dtype, accelerator.device))
+                             if source.autoencoder else None)
     except (FileNotFoundError, UserError):
         vae = None  # the shards' VAE moved: sample sheets need it, training does not
     if vae is None:
