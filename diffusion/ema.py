@@ -33,6 +33,10 @@ class EMA:
         """Updates so far (a host read: for checkpoints)."""
         return int(self._count.item())
 
+    @num_updates.setter
+    def num_updates(self, count: int) -> None:
+        self._count.fill_(count)
+
     def _decay(self) -> Tensor:
         """The decay the next update uses, on the device: ``[]`` float64."""
         if not self.warmup:

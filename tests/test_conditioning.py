@@ -119,12 +119,16 @@ class _Standard(torch.nn.Module):
 
 
 class _NearestDecoder(torch.nn.Module):
-    """A stand-in autoencoder whose decoder shows the first 3 latent channels 4 times larger."""
+    """A stand-in autoencoder whose decoder shows the first 3 latent channels 4 times larger (float32 weights)."""
 
     config = type("Config", (), {"latent_scale": 1.0, "latent_shift": 0.0, "downsample_factor": 4})()
 
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
     def decode(self, z):
-        return torch.nn.functional.interpolate(z[:, :3], scale_factor=4, mode="nearest")
+        return self.gain * torch.nn.functional.interpolate(z[:, :3], scale_factor=4, mode="nearest")
 
 
 def test_upscaling_guidance_pulls_the_decoded_frames_to_the_low_resolution_ones():

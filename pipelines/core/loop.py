@@ -331,7 +331,7 @@ def refuse_another_model(root: Path, enabled: bool, config: dict, must_match: tu
     """A :class:`ConfigError` naming the keys when resuming would continue the latest checkpoint under ``root``
     with sections ``must_match`` (what defines the model) that differ from ``config``'s, or at another global batch
     or sharding (:func:`_check_continuation`): a run never silently continues a different run."""
-    found = latest_checkpoint(root) if enabled and must_match else None
+    found = latest_checkpoint(root) if enabled else None
     if found is None:
         return
     saved = read_trainer_state(found)

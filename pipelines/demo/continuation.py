@@ -17,14 +17,7 @@ from pipelines.demo.grading import identity_summary, jumps_summary, rounded
 from pipelines.media.video_io import write_video
 from pipelines.stages.configs import ConditionConfig
 from pipelines.stages.generate import generate
-from pipelines.world.synthetic import (
-    boundary_jumps,
-    centroid_track,
-    chunk_identity,
-    parse_caption,
-    render_clip,
-    world_params,
-)
+from pipelines.world.synthetic import analyse_video, centroid_track, parse_caption, render_clip, world_params
 
 SPLIT = "continuation"  # the world's videos of this split are rendered for this measurement only
 
@@ -55,10 +48,9 @@ def centroid_errors(generated: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def grade_continuation(frames: np.ndarray, truth: np.ndarray, caption: str, boundaries: list[int]) -> dict:
     """One continued video against its truth: the generated chunks' identity against the given object (the chunk
     of given frames left out), the centroid error by frame, and the joins (the first one: given → generated)."""
-    chunks = chunk_identity(frames, caption, boundaries)[1:]
-    jumps = boundary_jumps(centroid_track(frames), boundaries)
-    return {"chunks": chunks, "errors": centroid_errors(frames, truth), "jumps": jumps,
-            "jump_ratio": float(np.nanmean(jumps)) if np.isfinite(jumps).any() else float("nan")}
+    analysis = analyse_video(frames, caption, boundaries)
+    return {"chunks": analysis["chunks"][1:], "errors": centroid_errors(frames, truth), "jumps": analysis["jumps"],
+            "jump_ratio": analysis["jump_ratio"], "failed_joins": analysis["failed_joins"]}
 
 
 def continuation(cfg: DemoConfig, out: Path, log) -> dict | None:
