@@ -1,6 +1,6 @@
 """Typed configs of the first stage, importable without torch (``--help`` reads them before anything heavy loads).
 
-:class:`AutoencoderConfig` is the architecture (LDM / SD KL layout, PAPER.md); :class:`AutoencoderLossConfig`
+:class:`AutoencoderConfig` is the architecture (LDM / SD KL layout, docs/method.md); :class:`AutoencoderLossConfig`
 the settings of LDM's ``LPIPSWithDiscriminator``, under the same names :class:`autoencoder.AutoencoderLoss` takes.
 """
 
@@ -71,7 +71,7 @@ class AutoencoderConfig:
 
 @dataclass
 class AutoencoderLossConfig:
-    """LDM's ``LPIPSWithDiscriminator`` (PAPER.md): rec = |x − x̂| + w_p·LPIPS, nll = rec/e^logvar + logvar,
+    """LDM's ``LPIPSWithDiscriminator`` (docs/method.md): rec = |x − x̂| + w_p·LPIPS, nll = rec/e^logvar + logvar,
     L = nll + kl_weight·KL + λ_d·g_loss once ``step ≥ disc_start``."""
 
     reconstruction: Literal["l1", "l2"] = "l1"  # pixel term of rec

@@ -5,7 +5,7 @@
       :class:`AutoencoderConfig` fields) and ``model.safetensors`` (``ema_model.safetensors`` preferred if present);
   (b) a training-run checkpoint root whose ``latest`` text file names the subdirectory to read as (a);
   (c) a diffusers ``AutoencoderKL`` directory (``config.json`` + ``diffusion_pytorch_model.safetensors``), or
-      a pipeline directory with one in ``vae/``; keys are converted to the LDM layout (PAPER.md, key layouts);
+      a pipeline directory with one in ``vae/``; keys are converted to the LDM layout (:func:`diffusers_to_ldm`);
   (d) one LDM / SD file (``.safetensors``, or ``.ckpt``/``.pt``/``.pth`` read with ``weights_only=True``),
       possibly a whole SD checkpoint (``state_dict``, VAE keys under ``first_stage_model.``); its
       architecture is inferred from the tensor shapes and its latent scale defaults to SD's 0.18215.

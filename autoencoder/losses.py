@@ -1,4 +1,4 @@
-"""LDM's autoencoder objective (``LPIPSWithDiscriminator``; PAPER.md, first-stage autoencoder).
+"""LDM's autoencoder objective (``LPIPSWithDiscriminator``; docs/method.md, "KL autoencoder").
 
 Generator (``optimizer_idx`` 0), for a batch of n frames:
     rec = |x − x̂| (or (x − x̂)²) + perceptual_weight · LPIPS(x, x̂)            per pixel, LPIPS broadcast

@@ -1,4 +1,5 @@
-"""KL-regularised autoencoder in the LDM / Stable Diffusion layout (Rombach et al. 2022; PAPER.md).
+"""KL-regularised autoencoder in the LDM / Stable Diffusion layout (Rombach et al. 2022; docs/method.md,
+"KL autoencoder").
 
 Parameter names are LDM's own (``encoder.down.{i}.block.{j}.conv1``, ``encoder.mid.attn_1.q``,
 ``decoder.up.{i}`` with ``up.0`` at full resolution, ...), so an LDM or SD state dict loads with no renaming.

@@ -73,12 +73,13 @@ def truth_clips(model: str, clips: Path, frames: int) -> list[tuple[Path, np.nda
 SECONDS: dict[str, float] = {}  # generation seconds per run, by output folder name
 
 
-def _generate(model: str, out: Path, overrides: list[str], **changes) -> list[np.ndarray]:
+def _generate(args, out: Path, overrides: list[str], **changes) -> list[np.ndarray]:
     """Run ``generate`` (raw frames) and return each output's frames ``uint8 [f, H, W, 3]`` in input order; its
     sampling seconds go to :data:`SECONDS` under the folder's name."""
     from pipelines.stages.generate import generate
 
-    cfg = load_config(GenerateConfig, None, [f"model={model}", f"out_dir={out}", "raw_frames=true", *overrides])
+    cfg = load_config(GenerateConfig, args.config, [f"model={args.model}", f"out_dir={out}", "raw_frames=true",
+                                                    "prompts=[]", *overrides, *args.set])
     summary = generate(dataclasses.replace(cfg, **changes) if changes else cfg, log=lambda *a, **k: None)
     SECONDS[out.name] = summary["seconds"]
     return [np.load(out / s["frames"]) for s in summary["samples"]]
@@ -103,7 +104,7 @@ def _by_horizon(scores: dict[str, np.ndarray], groups: list[tuple[int, int]]) ->
     return {f"{a}-{b}": {k: round(float(v[:, a - 1 : b].mean()), 3) for k, v in scores.items()} for a, b in groups}
 
 
-def continuation(model: str, truth: list[tuple[Path, np.ndarray]], args, work: Path, lpips_model) -> dict:
+def continuation(truth: list[tuple[Path, np.ndarray]], args, work: Path, lpips_model) -> dict:
     """The first ``args.given`` frames of every clip given; frames ``given + 1 …`` compared with the truth."""
     given, horizon = args.given, args.horizon
     folder = _write_inputs(work / "continuation_inputs", [t[: given + horizon] for _, t in truth])
@@ -113,9 +114,9 @@ def continuation(model: str, truth: list[tuple[Path, np.ndarray]], args, work: P
     future = [t[given : given + horizon] for _, t in truth]
     outputs = {}
     for name, changes in CONTINUATION.items():
-        made = _generate(model, work / name, common, name=name, **changes)
+        made = _generate(args, work / name, common, name=name, **changes)
         outputs[name] = _scores([(m[given:], f) for m, f in zip(made, future)], lpips_model)
-    text_only = _generate(model, work / "text_only", [f"num_frames={given + horizon}", f"sampling.steps={args.steps}",
+    text_only = _generate(args, work / "text_only", [f"num_frames={given + horizon}", f"sampling.steps={args.steps}",
                                                       f"seed={args.seed}", f"batch_size={len(truth)}",
                                                       "prompts=[" + ",".join(['""'] * len(truth)) + "]"])
     outputs["text_only"] = _scores([(m[given:], f) for m, f in zip(text_only, future)], lpips_model)
@@ -126,12 +127,12 @@ def continuation(model: str, truth: list[tuple[Path, np.ndarray]], args, work: P
             for name, s in outputs.items()}
 
 
-def interpolation(model: str, truth: list[tuple[Path, np.ndarray]], args, work: Path, lpips_model) -> dict:
+def interpolation(truth: list[tuple[Path, np.ndarray]], args, work: Path, lpips_model) -> dict:
     """Every ``args.every``-th frame given; the frames between compared, against linear blending."""
     s, keys = args.every, (args.given + args.horizon - 1) // args.every + 1
     length = (keys - 1) * s + 1
     folder = _write_inputs(work / "interpolation_inputs", [t[:length:s] for _, t in truth])
-    made = _generate(model, work / "interpolation", [f"condition.video={folder}", "condition.task=interpolate",
+    made = _generate(args, work / "interpolation", [f"condition.video={folder}", "condition.task=interpolate",
                                                      f"condition.every={s}", f"condition.count={keys}",
                                                      f"num_frames={length}", f"sampling.steps={args.steps}",
                                                      f"seed={args.seed}", f"batch_size={len(truth)}"])
@@ -148,13 +149,13 @@ def interpolation(model: str, truth: list[tuple[Path, np.ndarray]], args, work: 
             "given_every": s, "frames_compared": len(between)}
 
 
-def super_resolution(model: str, truth: list[tuple[Path, np.ndarray]], args, work: Path, lpips_model) -> dict:
+def super_resolution(truth: list[tuple[Path, np.ndarray]], args, work: Path, lpips_model) -> dict:
     """The clips area-downsampled ``args.scale`` times and enlarged back, against bicubic upsampling."""
     frames = args.given + args.horizon
     clips = [torch.from_numpy(t[:frames]).permute(0, 3, 1, 2).float() for _, t in truth]
     low = [F.interpolate(c, scale_factor=1 / args.scale, mode="area").round().clamp(0, 255).byte() for c in clips]
     folder = _write_inputs(work / "upscale_inputs", [x.permute(0, 2, 3, 1).numpy() for x in low])
-    made = _generate(model, work / "upscale", [f"condition.video={folder}", "condition.task=upscale",
+    made = _generate(args, work / "upscale", [f"condition.video={folder}", "condition.task=upscale",
                                                f"condition.scale={args.scale}", f"condition.count={frames}",
                                                f"condition.w_upscale={args.w_upscale}", f"num_frames={frames}",
                                                f"sampling.steps={args.steps}", f"seed={args.seed}",
@@ -196,12 +197,12 @@ def measure(args) -> dict:
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory(prefix="conditioning_") as folder:
         work = Path(folder)
-        result = {"continuation": continuation(args.model, truth, args, work, lpips_model),
-                  "interpolation": interpolation(args.model, truth, args, work, lpips_model),
-                  "super_resolution": super_resolution(args.model, truth, args, work, lpips_model)}
+        result = {"continuation": continuation(truth, args, work, lpips_model),
+                  "interpolation": interpolation(truth, args, work, lpips_model),
+                  "super_resolution": super_resolution(truth, args, work, lpips_model)}
     return result | {"seconds_by_run": dict(SECONDS), "clips": [str(p) for p, _ in truth], "given": args.given,
-                     "horizon": args.horizon,
-                     "steps": args.steps, "seed": args.seed, "lpips": lpips_model is not None, "machine": machine,
+                     "horizon": args.horizon, "steps": args.steps, "seed": args.seed, "config": args.config, "set": args.set,
+                     "lpips": lpips_model is not None, "machine": machine,
                      "seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -216,6 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--w-upscale", type=float, default=1.0, help="super-resolution: the reconstruction weight")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="generate overrides applied last to every run (e.g. w_r=4 w_r_interval=null)")
+    parser.add_argument("--config", default=None,
+                        help="a generate config (e.g. configs/generate/cpu.yaml) under every run's overrides")
     parser.add_argument("--out", default="outputs/benchmarks/conditioning.json")
     args = parser.parse_args(argv)
     result = measure(args)

@@ -604,10 +604,10 @@ def goal_key(key: str) -> str | None:
 def notes_on(unet: dict, machine: dict) -> list[str]:
     """What a reader of the figures should know, read off the measurements themselves."""
     notes = []
-    load = max(machine["load_average_1min_before_after"])
+    load = machine["load_average_1min_before_after"][0]  # after: this run's own load, whatever else ran
     if load > 0.5 * (machine["logical_cpus"] or 1):
-        notes.append(f"busy machine: 1-minute load average up to {load:.2f} on {machine['logical_cpus']} CPUs; "
-                     f"times and ratios are not reliable")
+        notes.append(f"busy machine: 1-minute load average {load:.2f} on {machine['logical_cpus']} CPUs before the "
+                     f"run; times and ratios are not reliable")
     for name in ("ours", "diffusers"):
         calls = unet[name]["attention_kernels_train"]
         if calls.get("_safe_softmax"):

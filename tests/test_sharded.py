@@ -57,7 +57,6 @@ HOLD = '''
 import json, os, runpy, sys, time
 from pathlib import Path
 
-sys.path.insert(0, {repo!r})
 hook = json.loads(os.environ["SHARDED_TEST_HOOK"])
 
 
@@ -228,7 +227,7 @@ def test_killed_mid_run_and_inside_a_checkpoint_write_a_sharded_run_ends_bitwise
                                                                                                       fsdp2):
     out = work / "killed"
     probe = work / "hold.py"
-    probe.write_text(HOLD.format(repo=str(REPO), script=str(REPO / "scripts" / "train_diffusion.py")))
+    probe.write_text(HOLD.format(script=str(REPO / "scripts" / "train_diffusion.py")))
     cmd = command(probe, sharded(chain["latents"], out, GLOBAL_BATCH // 2), processes=2)
     checkpoints = out / "checkpoints"
     _launch_with_hook(cmd, work, {"kind": "row", "n": 3})  # mid-run: step 3 logged, its checkpoint not due

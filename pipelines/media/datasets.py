@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from pipelines.core.config import UserError, check_choice
 from pipelines.core.loop import collate  # noqa: F401  (datasets and their collate belong together for users)
-from pipelines.media.config import ClipSpec
+from pipelines.media.config import ClipSpec, FramesConfig
 from pipelines.media.video_io import MediaReadError, VideoInfo, VideoReadError, read_frames, read_image, video_info
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
@@ -107,6 +107,17 @@ def split_files(files: list[Path], roots: Sequence[Path], split: Split, eval_fra
     if len(files) >= 2 and len(held_out) == len(files):
         held_out.remove(int(np.argmax(keys)))
     return [f for i, f in enumerate(files) if (i in held_out) == (split == "eval")]
+
+
+def split_folders(data: FramesConfig, split: Split) -> tuple[list[str], Split]:
+    """The folders a frame dataset of ``split`` reads under ``data``, and the hash split of them it takes:
+    ``roots`` split by hash, or, with ``eval_roots``, all of ``roots`` ("train"), of ``eval_roots`` ("eval") or
+    of both ("all")."""
+    check_choice("split", split, ("train", "eval", "all"))
+    if not data.eval_roots:
+        return list(data.roots), split
+    folders = {"train": list(data.roots), "eval": list(data.eval_roots), "all": [*data.roots, *data.eval_roots]}
+    return folders[split], "all"
 
 
 # ---------------------------------------------------------------------------------------------- captions

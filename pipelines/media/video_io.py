@@ -321,10 +321,11 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def _encoder_options(codec: str, crf: int) -> dict[str, str]:
-    """Quality options: x264's constant rate factor, or a matching fixed quantiser for MPEG-4 part 2."""
+def _encoder_options(codec: str, crf: int, reproducible: bool = False) -> dict[str, str]:
+    """Quality options: x264's constant rate factor, or a matching fixed quantiser for MPEG-4 part 2;
+    ``reproducible``: x264 without macroblock-tree rate control (:class:`VideoWriter`)."""
     if codec == "libx264":
-        return {"crf": str(crf), "preset": "medium"}
+        return {"crf": str(crf), "preset": "medium"} | ({"x264-params": "mbtree=0"} if reproducible else {})
     q = str(max(2, min(31, round(crf / 6))))  # crf 18 -> q 3
     return {"qmin": q, "qmax": q}
 
@@ -344,10 +345,15 @@ class VideoWriter:
     so browsers can stream it). Odd heights / widths are padded by one replicated row / column, so such a
     video reads back one pixel larger. Frames go to a temporary file in the same directory, renamed to
     ``path`` when the block ends without error, so ``path`` is either absent (or its old version) or complete.
+    ``reproducible`` turns off x264's macroblock-tree rate control: with it on, this PyAV build encodes the same
+    frames to pixels up to ~30 levels apart from one run to the next (it depends on memory the encoder did not
+    write), so files that must come out the same every time are written without it.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float = 8, crf: int = 18, codec: str | None = None):
+    def __init__(self, path: str | os.PathLike, fps: float = 8, crf: int = 18, codec: str | None = None,
+                 reproducible: bool = False):
         self.path, self.fps, self.crf, self.codec = Path(path), fps, crf, codec or default_codec()
+        self.reproducible = reproducible
         self.num_frames = 0
         self._container: Any = None
         self._stream: Any = None
@@ -365,7 +371,7 @@ class VideoWriter:
         """The video stream, created with the first frames' (even) size."""
         stream = self._container.add_stream(self.codec, rate=Fraction(self.fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = _encoder_options(self.codec, self.crf)
+        stream.options = _encoder_options(self.codec, self.crf, self.reproducible)
         return stream
 
     def write(self, frames: np.ndarray | torch.Tensor) -> None:
@@ -445,10 +451,11 @@ def write_video(
     fps: float = 8,
     crf: int = 18,
     codec: str | None = None,
+    reproducible: bool = False,
 ) -> Path:
     """Write frames ``uint8 [f, H, W, 3]`` (or a video ``[3, f, H, W]`` in [-1, 1]) as an MP4, atomically;
-    encoding as in :class:`VideoWriter`."""
-    with VideoWriter(path, fps, crf, codec) as writer:
+    encoding (and ``reproducible``) as in :class:`VideoWriter`."""
+    with VideoWriter(path, fps, crf, codec, reproducible) as writer:
         writer.write(frames)
     return Path(path)
 

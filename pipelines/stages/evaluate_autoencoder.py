@@ -1,5 +1,6 @@
 """Evaluate any autoencoder ``load_autoencoder`` reads (ours, a diffusers SD VAE, an LDM checkpoint) on held-out
-frames of a video / image folder: PSNR, SSIM and, when its weights are present, LPIPS; printed and written as JSON."""
+frames of a video / image folder: PSNR, SSIM and, when its weights are present, LPIPS, beside the same scores of
+a bicubic enlargement of the frames shrunk by the autoencoder's factor; printed and written as JSON."""
 
 from __future__ import annotations
 

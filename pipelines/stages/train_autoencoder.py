@@ -4,7 +4,7 @@
 ``config.yaml``, ``checkpoints/`` (full training state; each checkpoint is itself a loadable model directory),
 ``model/`` (the final weights, EMA when enabled, with the estimated latent scale), ``loss.csv`` / ``loss.png``,
 reconstruction grids in ``samples/`` and ``eval.json`` (PSNR, SSIM and, when its weights exist, LPIPS on
-held-out frames).
+held-out frames, beside those of a bicubic enlargement of the frames shrunk by the autoencoder's factor).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from pipelines.core.loop import (
 )
 from pipelines.core.visual import save_image_grid
 from pipelines.evaluation.reconstruction import eval_lpips, evaluate, fixed_frames, held_out_frames
-from pipelines.media.datasets import FrameDataset
+from pipelines.media.datasets import FrameDataset, split_folders
 from pipelines.stages.configs import AutoencoderTrainConfig
 
 
@@ -119,7 +119,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig, log=print) -> dict:
     accelerator = make_accelerator(cfg.run)
     out = start_run(accelerator, cfg, cfg.run, "autoencoder", ("model", "loss"))
     data = cfg.data
-    train_set = FrameDataset(data.roots, data.size, data.frames_per_video, "train", data.eval_fraction, data.crop,
+    roots, split = split_folders(data, "train")
+    train_set = FrameDataset(roots, data.size, data.frames_per_video, split, data.eval_fraction, data.crop,
                              seed=cfg.run.seed, cache_mb=data.cache_mb)
     held_out, held_out_source = held_out_frames(data, cfg.eval_frames, cfg.run.seed + 1)  # checked before training
     scale_frames = fixed_frames(train_set, cfg.scale_frames)
