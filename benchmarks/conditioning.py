@@ -201,8 +201,8 @@ def measure(args) -> dict:
                   "interpolation": interpolation(truth, args, work, lpips_model),
                   "super_resolution": super_resolution(truth, args, work, lpips_model)}
     return result | {"seconds_by_run": dict(SECONDS), "clips": [str(p) for p, _ in truth], "given": args.given,
-                     "horizon": args.horizon, "steps": args.steps, "seed": args.seed, "config": args.config, "set": args.set,
-                     "lpips": lpips_model is not None, "machine": machine,
+                     "horizon": args.horizon, "steps": args.steps, "seed": args.seed, "config": args.config,
+                     "set": args.set, "lpips": lpips_model is not None, "machine": machine,
                      "seconds": round(time.perf_counter() - began, 1)}
 
 
