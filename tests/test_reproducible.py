@@ -54,6 +54,8 @@ def test_a_seed_gives_the_same_video_in_the_training_process_after_a_resume_and_
     reference = _frames(trained)
     np.testing.assert_array_equal(_frames(resumed), reference)
     np.testing.assert_array_equal(_frames(fresh), reference)
+    videos = sorted(p.name for p in trained.glob("*.mp4"))
+    assert videos and all((fresh / v).read_bytes() == (trained / v).read_bytes() for v in videos)  # the MP4s too
     other = tmp_path / "other_seed"
     generate(load_config(GenerateConfig, None, [*_overrides(run_dir, other), "seed=8"]), quiet)
     assert not np.array_equal(_frames(other), reference)  # the seed is what names the video

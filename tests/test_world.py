@@ -113,6 +113,8 @@ def test_make_world_is_idempotent_and_deterministic(world, tmp_path):
     assert fewer == records[:6]  # video i does not depend on how many there are (rendered here too)
     same_video = read_frames(tmp_path / "train" / "00005.mp4"), read_frames(out / "train" / "00005.mp4")
     np.testing.assert_array_equal(*same_video)
+    names = [f"{i:05d}.mp4" for i in range(6)]  # rendered twice, in two folders: the same files, byte for byte
+    assert [(tmp_path / "train" / n).read_bytes() for n in names] == [(out / "train" / n).read_bytes() for n in names]
     assert [_written(r) for r in make_world(tmp_path, 4, SPEC, seed=0)] == [_written(r) for r in records[:4]]
     assert sorted(p.name for p in (tmp_path / "train").glob("*.mp4")) == [f"{i:05d}.mp4" for i in range(4)]
 

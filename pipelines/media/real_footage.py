@@ -90,7 +90,7 @@ def _cut(name: str, path: Path, split: str, out: Path, cfg: RealFootageConfig) -
     records = []
     for k, first in enumerate(range(0, len(frames) - n + 1, n)):
         relative = f"{split}/{name}_{k:02d}.mp4"
-        write_video(out / relative, frames[first : first + n], fps=fps, crf=cfg.crf, reproducible=True)
+        write_video(out / relative, frames[first : first + n], fps=fps, crf=cfg.crf)
         records.append({"path": relative, "split": split, "source": name, "source_file": source.file,
                         "content": source.content, "first_frame": first, "num_frames": n,
                         "fps": fps, "height": frames.shape[1], "width": frames.shape[2], "caption": source.caption})
