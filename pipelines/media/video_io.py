@@ -321,11 +321,11 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
     return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
 
 
-def _encoder_options(codec: str, crf: int, reproducible: bool = True) -> dict[str, str]:
-    """Quality options: x264's constant rate factor, or a matching fixed quantiser for MPEG-4 part 2;
-    ``reproducible``: x264 without macroblock-tree rate control (:class:`VideoWriter`)."""
+def _encoder_options(codec: str, crf: int) -> dict[str, str]:
+    """Quality options: x264's constant rate factor without macroblock-tree rate control (:class:`VideoWriter`),
+    or a matching fixed quantiser for MPEG-4 part 2."""
     if codec == "libx264":
-        return {"crf": str(crf), "preset": "medium"} | ({"x264-params": "mbtree=0"} if reproducible else {})
+        return {"crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
     q = str(max(2, min(31, round(crf / 6))))  # crf 18 -> q 3
     return {"qmin": q, "qmax": q}
 
@@ -345,17 +345,14 @@ class VideoWriter:
     so browsers can stream it). Odd heights / widths are padded by one replicated row / column, so such a
     video reads back one pixel larger. Frames go to a temporary file in the same directory, renamed to
     ``path`` when the block ends without error, so ``path`` is either absent (or its old version) or complete.
-    ``reproducible`` (the default) turns off x264's macroblock-tree rate control: with it on, this PyAV build
-    encodes the same frames to pixels up to ~30 levels apart from one run to the next (it depends on memory the
-    encoder did not write; 153 of the demo world's 480 files differed between two renders), so a seed's video, the
-    demo's world and every other file come out the same bytes every time; ``False`` trades that for x264's
-    slightly better compression.
+    x264's macroblock-tree rate control is off: with it on, this PyAV build encodes the same frames to pixels up
+    to ~30 levels apart from one run to the next (it depends on memory the encoder did not write; 153 of the demo
+    world's 480 files differed between two renders), so a seed's video, the demo's world and every other file
+    come out the same bytes every time.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float = 8, crf: int = 18, codec: str | None = None,
-                 reproducible: bool = True):
+    def __init__(self, path: str | os.PathLike, fps: float = 8, crf: int = 18, codec: str | None = None):
         self.path, self.fps, self.crf, self.codec = Path(path), fps, crf, codec or default_codec()
-        self.reproducible = reproducible
         self.num_frames = 0
         self._container: Any = None
         self._stream: Any = None
@@ -373,7 +370,7 @@ class VideoWriter:
         """The video stream, created with the first frames' (even) size."""
         stream = self._container.add_stream(self.codec, rate=Fraction(self.fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = _encoder_options(self.codec, self.crf, self.reproducible)
+        stream.options = _encoder_options(self.codec, self.crf)
         return stream
 
     def write(self, frames: np.ndarray | torch.Tensor) -> None:
@@ -453,11 +450,10 @@ def write_video(
     fps: float = 8,
     crf: int = 18,
     codec: str | None = None,
-    reproducible: bool = True,
 ) -> Path:
     """Write frames ``uint8 [f, H, W, 3]`` (or a video ``[3, f, H, W]`` in [-1, 1]) as an MP4, atomically;
-    encoding (and ``reproducible``) as in :class:`VideoWriter`."""
-    with VideoWriter(path, fps, crf, codec, reproducible) as writer:
+    encoding as in :class:`VideoWriter`."""
+    with VideoWriter(path, fps, crf, codec) as writer:
         writer.write(frames)
     return Path(path)
 
